@@ -1,0 +1,39 @@
+# Every target makes (or reuses) a local virtualenv, so a fresh clone needs only python3.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test test-installed lint demo bench conformance clean
+
+help: ## Show this help
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e . --group dev
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create the virtualenv with the package and dev tools
+
+test: $(STAMP) ## Run the project's tests
+	$(PY) -m pytest -q
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+demo: $(STAMP) ## Run the bundled example suite plain and isolated, side by side
+	$(PY) examples/demo.py
+
+bench: $(STAMP) ## Time plain pytest against --isolate=module/test (ratios)
+	$(PY) bench/bench.py
+
+conformance: $(STAMP) ## Same verdict for every test of networkx and toolz, isolated or not
+	$(PY) bench/conformance.py
+
+clean: ## Remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .bench .conformance

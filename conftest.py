@@ -1,0 +1,42 @@
+"""Shared helpers for isolator's own tests.
+
+Every acceptance test drives a real pytest run in a subprocess
+(``--runpytest=subprocess`` in pyproject.toml), so forks, signals and rlimits
+happen in processes of their own and never in the test runner.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+_TIMING = re.compile(r" in \d+\.\d+s( \(\d+:\d+:\d+\))?")
+_DURATION = re.compile(r"^\d+\.\d+s ")
+_ADDRESS = re.compile(r" at 0x[0-9a-f]+")
+
+
+def normalize(lines: list[str]) -> list[str]:
+    """Output lines with run times blanked, for comparing two runs."""
+    return [
+        _ADDRESS.sub(" at 0x?", _DURATION.sub("N.NNs ", _TIMING.sub(" in N.NNs", line)))
+        for line in lines
+    ]
+
+
+@pytest.fixture
+def isolated(pytester: pytest.Pytester) -> IsolatedRunner:
+    return IsolatedRunner(pytester)
+
+
+class IsolatedRunner:
+    """Runs the pytester project plain and under isolation."""
+
+    def __init__(self, pytester: pytest.Pytester) -> None:
+        self.pytester = pytester
+
+    def plain(self, *args: str) -> pytest.RunResult:
+        return self.pytester.runpytest("-p", "isolator", *args)
+
+    def run(self, mode: str, *args: str) -> pytest.RunResult:
+        return self.pytester.runpytest("-p", "isolator", f"--isolate={mode}", *args)

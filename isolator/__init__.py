@@ -1,0 +1,14 @@
+"""isolator: run pytest tests in fresh forked worker processes with memory ceilings.
+
+The package itself is the pytest plugin, so ``-p isolator`` (which imports
+this module) and the ``pytest11`` entry point register the same object, and
+``-p no:isolator`` blocks both.
+"""
+
+from __future__ import annotations
+
+from isolator.plugin import pytest_addoption, pytest_configure
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "pytest_addoption", "pytest_configure"]

@@ -1,0 +1,388 @@
+"""Runs in the process that collected: the pytest process itself, or each
+pytest-xdist worker. It never runs a test.
+
+For every item pytest asks it to run, the controller makes sure a forked
+worker is running that item's unit, replays what the worker reports through
+the ordinary hooks (so the terminal, junit xml, the ``--lf`` cache, ``-x`` and
+every other plugin see what they would see without isolation), and reaps the
+worker when its unit is done or when it dies. A worker that dies leaves a
+failed report for the test it was running; the rest of its unit goes on in a
+fresh worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import faulthandler
+import gc
+import os
+import selectors
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Hashable
+
+import pytest
+from pluggy import HookRelay
+
+from isolator import compat, faults, worker
+from isolator.settings import Settings
+from isolator.wire import Message, Receiver, Sender
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+class WorkerProcess:
+    """The controller's handle on one forked worker."""
+
+    def __init__(
+        self, label: str, pid: int, read_fd: int, fault_fd: int, plan: list[pytest.Item]
+    ) -> None:
+        self.label = label
+        #: Where the worker's faulthandler writes the stacks of a fatal error.
+        self.fault_fd = fault_fd
+        self.pid = pid
+        self.plan = plan
+        #: Index in ``plan`` of the next item whose reports we expect.
+        self.pos = 0
+        #: The worker said it is done and is leaving.
+        self.done = False
+        self.wait_status: int | None = None
+        #: What the worker's faulthandler wrote before it died, once reaped.
+        self.fault_stacks = ""
+        self.receiver = Receiver(read_fd)
+        self.pidfd = os.pidfd_open(pid)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(read_fd, selectors.EVENT_READ, "pipe")
+        self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
+
+    def __repr__(self) -> str:
+        if self.wait_status is None:
+            return f"<worker {self.label} running with PID {self.pid}>"
+        return f"<worker {self.label} (PID {self.pid}) {faults.describe_status(self.wait_status)}>"
+
+    @property
+    def exited(self) -> bool:
+        return self.wait_status is not None
+
+    def expects(self, item: pytest.Item) -> bool:
+        return (
+            not self.exited
+            and not self.done
+            and self.pos < len(self.plan)
+            and self.plan[self.pos] is item
+        )
+
+    def next_message(self) -> Message | None:
+        """The next message from the worker; None once it has exited and
+        everything it wrote has been read."""
+        while True:
+            message = self.receiver.pop()
+            if message is not None:
+                return message
+            if self.exited:
+                return None
+            for key, _ in self.selector.select():
+                if key.data == "pipe":
+                    if not self.receiver.fill():
+                        # End of file: the worker is leaving. Its exit is
+                        # what we wait for now; the pipe has nothing more.
+                        self.selector.unregister(key.fd)
+                else:
+                    self._reap()
+
+    def _reap(self) -> None:
+        """Collect the exit status of a worker known to have ended."""
+        self.receiver.drain()
+        self._kill_group()
+        _, self.wait_status = os.waitpid(self.pid, 0)
+        self.fault_stacks = self._read_fault_stacks()
+        self._close()
+
+    def _kill_group(self) -> None:
+        # While the worker is unreaped its PID, and so its process group ID,
+        # cannot be reused: this reaches only what it left behind.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def _read_fault_stacks(self) -> str:
+        try:
+            raw = os.pread(self.fault_fd, 1 << 20, 0)
+        except OSError:
+            return ""
+        return faults.trim_fault_stacks(raw.decode("utf-8", "replace"))
+
+    def kill(self) -> None:
+        """End the worker and everything it started, now."""
+        if self.exited:
+            return
+        self._kill_group()
+        self._reap()
+
+    def _close(self) -> None:
+        self.selector.close()
+        for fd in (self.receiver.fd, self.pidfd, self.fault_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class Controller:
+    """Plugin that owns the workers of one pytest process."""
+
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        self.current: WorkerProcess | None = None
+        self._positions: dict[int, int] | None = None
+        self._spawned = 0
+        self._parent_pid = os.getpid()
+        self._prctl = _load_prctl()
+
+    # -- units and plans -------------------------------------------------
+
+    def unit_key(self, item: pytest.Item) -> Hashable:
+        mode = self.settings.mode
+        if mode == "test":
+            return item
+        if mode == "module":
+            return item.getparent(pytest.File) or item.parent  # type: ignore[type-abstract]
+        raise NotImplementedError(mode)
+
+    def _position(self, item: pytest.Item) -> int | None:
+        if self._positions is None:
+            self._positions = {id(it): i for i, it in enumerate(item.session.items)}
+        return self._positions.get(id(item))
+
+    def plan_for(self, item: pytest.Item, nextitem: pytest.Item | None) -> list[pytest.Item]:
+        """The items a new worker runs: ``item`` and the ones after it in the
+        same unit, as long as the run order is the collection order."""
+        plan = [item]
+        start = self._position(item)
+        items = item.session.items
+        if start is None or nextitem is None:
+            return plan
+        following = start + 1
+        if following >= len(items) or items[following] is not nextitem:
+            return plan
+        key = self.unit_key(item)
+        while following < len(items) and self.unit_key(items[following]) == key:
+            plan.append(items[following])
+            following += 1
+        return plan
+
+    # -- hooks -----------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
+        while True:
+            proc = self.current
+            if proc is None or not proc.expects(item):
+                if proc is not None:
+                    proc.kill()
+                proc = self.current = self._spawn(self.plan_for(item, nextitem))
+            if self._replay(proc, item):
+                break
+            # The worker stopped before this item (its own session decided to
+            # stop, ours did not): the item never ran, so it gets a fresh one.
+            proc.kill()
+            self.current = None
+        session = item.session
+        if proc.exited or proc.pos >= len(proc.plan) or session.shouldfail or session.shouldstop:
+            self._finish(proc)
+            self.current = None
+        return True
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_sessionfinish(self) -> object:
+        self.shutdown()
+        return (yield)
+
+    def shutdown(self) -> None:
+        if self.current is not None:
+            self.current.kill()
+            self.current = None
+
+    # -- workers ---------------------------------------------------------
+
+    def _spawn(self, plan: list[pytest.Item]) -> WorkerProcess:
+        self._spawned += 1
+        label = f"w{self._spawned}"
+        # Objects that exist now are shared with the worker page by page;
+        # freezing them keeps the worker's collector from writing to every
+        # one of them (which would copy the pages) (bpo-31558).
+        gc.freeze()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        read_fd, write_fd = os.pipe()
+        fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            self._become_worker(read_fd, write_fd, fault_fd, plan)
+        os.close(write_fd)
+        # Also done in the worker; whichever runs first wins the race with a
+        # kill of the group.
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
+        return WorkerProcess(label, pid, read_fd, fault_fd, plan)
+
+    def _become_worker(
+        self, read_fd: int, write_fd: int, fault_fd: int, plan: list[pytest.Item]
+    ) -> None:
+        sender = Sender(write_fd)
+        try:
+            os.close(read_fd)
+            os.setpgid(0, 0)
+            if self._prctl is not None:
+                self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != self._parent_pid:
+                os._exit(1)  # the parent died before we could ask to follow it
+            if self.current is not None:
+                # Another worker's pipe: holding it would hide that worker's end.
+                os.close(self.current.receiver.fd)
+            faulthandler.enable(file=fault_fd, all_threads=True)
+            worker.prepare(self.config, sender, self)
+        except BaseException:
+            import traceback
+
+            sender.send("internal", traceback.format_exc())
+            sender.flush()
+            os._exit(70)
+        worker.run_plan(plan, sender)
+
+    def _finish(self, proc: WorkerProcess) -> None:
+        """Let a worker whose unit is over say goodbye, then reap it.
+
+        Warnings of a test are recorded after its ``logfinish`` (pytest's
+        warnings plugin wraps the whole protocol), so the last test's warnings
+        arrive here."""
+        while not proc.done:
+            message = proc.next_message()
+            if message is None:
+                break
+            self._dispatch(proc, message)
+        proc.kill()
+
+    # -- replay ----------------------------------------------------------
+
+    def _replay(self, proc: WorkerProcess, item: pytest.Item) -> bool:
+        """Replay the worker's events for ``item`` until it finishes or dies.
+
+        False if the worker ended without starting the item."""
+        ihook = item.ihook
+        hook = self.config.hook
+        started = False
+        outcomes: dict[str, str] = {}
+        while True:
+            message = proc.next_message()
+            if message is None:
+                if proc.done and not started:
+                    return False
+                self._report_lost(proc, item, started, outcomes)
+                return True
+            kind = message[0]
+            if kind == "report":
+                report = hook.pytest_report_from_serializable(config=self.config, data=message[1])
+                compat.after_unserialize(self.config, report, message[1])
+                if isinstance(report, pytest.TestReport) and report.nodeid == item.nodeid:
+                    outcomes[report.when] = report.outcome
+                ihook.pytest_runtest_logreport(report=report)
+            elif kind == "logstart":
+                started = True
+                ihook.pytest_runtest_logstart(nodeid=message[1], location=message[2])
+            elif kind == "logfinish":
+                proc.pos += 1
+                ihook.pytest_runtest_logfinish(nodeid=message[1], location=message[2])
+                return True
+            else:
+                self._dispatch(proc, message)
+
+    def _dispatch(self, proc: WorkerProcess, message: Message) -> None:
+        """Messages that are not about the item being replayed."""
+        kind = message[0]
+        if kind == "warning":
+            payload, when, nodeid, location = message[1:]
+            self._replay_warning(self.config.hook, payload, when, nodeid, location)
+        elif kind == "done":
+            proc.done = True
+        elif kind == "exit":
+            proc.kill()
+            raise pytest.exit.Exception(message[1], message[2])
+        elif kind == "interrupt":
+            proc.kill()
+            raise KeyboardInterrupt
+        elif kind == "internal":
+            proc.kill()
+            raise RuntimeError(
+                f"isolator: worker {proc.label} failed outside any test:\n{message[1]}"
+            )
+        else:
+            raise RuntimeError(f"isolator: unexpected message from worker {proc.label}: {kind}")
+
+    @staticmethod
+    def _replay_warning(
+        ihook: HookRelay,
+        payload: dict[str, object],
+        when: str,
+        nodeid: str,
+        location: tuple[str, int, str] | None,
+    ) -> None:
+        category = payload["category"]
+        message = payload["message"]
+        if message is None:
+            try:
+                message = category(payload["text"])  # type: ignore[operator]
+            except Exception:
+                message = UserWarning(payload["text"])
+        record = warnings.WarningMessage(
+            message,  # type: ignore[arg-type]
+            category,  # type: ignore[arg-type]
+            payload["filename"],  # type: ignore[arg-type]
+            payload["lineno"],  # type: ignore[arg-type]
+            None,
+            payload["line"],  # type: ignore[arg-type]
+        )
+        ihook.pytest_warning_recorded.call_historic(
+            kwargs={"warning_message": record, "when": when, "nodeid": nodeid, "location": location}
+        )
+
+    def _report_lost(
+        self, proc: WorkerProcess, item: pytest.Item, started: bool, outcomes: dict[str, str]
+    ) -> None:
+        """The worker died while running ``item``: fail the phase it was in."""
+        ihook = item.ihook
+        cause = (
+            f"worker {proc.label} (PID {proc.pid}) {faults.describe_status(proc.wait_status)} "
+            f"while running {item.nodeid}"
+        )
+        if not started:
+            ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        phase: faults.Phase | None
+        if "setup" not in outcomes:
+            phase = "setup"
+        elif outcomes["setup"] == "passed" and "call" not in outcomes:
+            phase = "call"
+        elif "teardown" not in outcomes:
+            phase = "teardown"
+        else:
+            phase = None
+        if phase is not None:
+            longrepr = f"{cause} ({phase})"
+            stacks = proc.fault_stacks
+            if stacks:
+                longrepr += f"\n\n{stacks}"
+            report = faults.stand_in_report(item, phase, longrepr)
+            ihook.pytest_runtest_logreport(report=report)
+            if phase != "teardown":
+                ihook.pytest_runtest_logreport(
+                    report=faults.stand_in_report(item, "teardown", None)
+                )
+        proc.pos += 1
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)

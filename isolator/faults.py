@@ -1,0 +1,80 @@
+"""Words for how a worker ended, and the reports that stand in for lost ones."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Literal
+
+import pytest
+
+Phase = Literal["setup", "call", "teardown"]
+
+
+def describe_status(wait_status: int | None) -> str:
+    """``exited with code 3`` or ``was killed by signal 11 (SIGSEGV)``."""
+    if wait_status is None:
+        return "ended for an unknown reason"
+    if os.WIFSIGNALED(wait_status):
+        number = os.WTERMSIG(wait_status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        dumped = " (core dumped)" if os.WCOREDUMP(wait_status) else ""
+        return f"was killed by signal {number} ({name}){dumped}"
+    if os.WIFEXITED(wait_status):
+        return f"exited with code {os.WEXITSTATUS(wait_status)}"
+    return f"ended with wait status {wait_status}"
+
+
+def killed_by(wait_status: int | None) -> int | None:
+    if wait_status is not None and os.WIFSIGNALED(wait_status):
+        return os.WTERMSIG(wait_status)
+    return None
+
+
+_RUNNER_FRAMES = ("/_pytest/", "/pluggy/", "/isolator/")
+
+
+def trim_fault_stacks(text: str) -> str:
+    """faulthandler's dump, cut where the test's own frames give way to
+    pytest's machinery (most recent call comes first)."""
+    kept: list[str] = []
+    in_runner = False
+    for line in text.rstrip().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("File "):
+            if in_runner:
+                continue
+            if any(part in stripped for part in _RUNNER_FRAMES):
+                in_runner = True
+                kept.append("  ...")
+                continue
+        else:
+            in_runner = False
+        kept.append(line)
+    return "\n".join(kept)
+
+
+def stand_in_report(
+    item: pytest.Item,
+    when: Phase,
+    longrepr: str | None,
+    sections: list[tuple[str, str]] | None = None,
+) -> pytest.TestReport:
+    """A report for a phase the worker did not live to report.
+
+    ``longrepr`` None means the phase is reported as passed (the teardown
+    that follows a crash in call, so that junit xml closes the test case).
+    """
+    return pytest.TestReport(
+        nodeid=item.nodeid,
+        location=item.location,
+        keywords=dict.fromkeys(item.keywords, 1),
+        outcome="passed" if longrepr is None else "failed",
+        longrepr=longrepr,
+        when=when,
+        sections=sections or [],
+        user_properties=list(item.user_properties),
+    )
