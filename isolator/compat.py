@@ -29,4 +29,4 @@ def after_unserialize(config: pytest.Config, report: object, data: dict[str, Any
     # subtests, by counting them in config.stash while they run; they ran in
     # the worker, so count them here too, before the top-level report.
     if report.failed and failed_subtests_key is not None:
-        config.stash[failed_subtests_key][report.nodeid] += 1  # type: ignore[index]
+        config.stash[failed_subtests_key][report.id] += 1
