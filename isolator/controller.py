@@ -73,9 +73,16 @@ class WorkerProcess:
     def exited(self) -> bool:
         return self.wait_status is not None
 
+    @property
+    def spent(self) -> bool:
+        """Nothing more will come from this worker: it exited and we have
+        read all it wrote. (A worker runs ahead of the replay, so it may
+        well have exited while reports of earlier tests still wait here.)"""
+        return self.exited and not self.receiver.pending()
+
     def expects(self, item: pytest.Item) -> bool:
         return (
-            not self.exited
+            not self.spent
             and not self.done
             and self.pos < len(self.plan)
             and self.plan[self.pos] is item
@@ -195,7 +202,7 @@ class Controller:
             proc.kill()
             self.current = None
         session = item.session
-        if proc.exited or proc.pos >= len(proc.plan) or session.shouldfail or session.shouldstop:
+        if proc.spent or proc.pos >= len(proc.plan) or session.shouldfail or session.shouldstop:
             self._finish(proc)
             self.current = None
         return True
@@ -324,7 +331,7 @@ class Controller:
                 f"isolator: worker {proc.label} failed outside any test:\n{message[1]}"
             )
         else:
-            raise RuntimeError(f"isolator: unexpected message from worker {proc.label}: {kind}")
+            raise RuntimeError(f"isolator: unexpected message {kind!r} from {proc!r}")
 
     @staticmethod
     def _replay_warning(

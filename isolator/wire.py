@@ -121,3 +121,7 @@ class Receiver:
                 break
             self._buffer += chunk
         self._split()
+
+    def pending(self) -> bool:
+        """Whether whole messages are waiting to be popped."""
+        return self._pos < len(self._messages)

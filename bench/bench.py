@@ -1,0 +1,124 @@
+"""make bench: what isolation costs, as ratios against plain pytest in the same run.
+
+Each scenario runs its variants in alternation (plain, isolated, plain, ...)
+so that drift in the machine's speed hits all of them alike, and reports the
+median wall time of each. "per test" subtracts the time of ``--collect-only``
+(interpreter start, plugin loading, collection: the same with or without
+isolation) to show what running the tests costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".bench"
+
+
+@dataclass
+class Variant:
+    name: str
+    args: list[str]
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def run_once(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> float:
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    start = time.perf_counter()
+    completed = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, check=False, env=env
+    )
+    elapsed = time.perf_counter() - start
+    if completed.returncode not in (0, 1):
+        tail = "\n".join((completed.stdout + completed.stderr).splitlines()[-15:])
+        raise SystemExit(f"bench: {' '.join(args)} exited {completed.returncode}\n{tail}")
+    return elapsed
+
+
+def measure(cwd: Path, variants: list[Variant], rounds: int) -> None:
+    for _ in range(rounds):
+        for variant in variants:
+            variant.times.append(run_once(cwd, variant.args))
+
+
+def report(title: str, variants: list[Variant], baseline: Variant | None, tests: int) -> None:
+    plain = variants[0]
+    print(f"\n{title}")
+    print(f"  {'variant':<28} {'median':>9} {'vs plain':>9} {'per test':>10} {'vs plain':>9}")
+    base = baseline.median if baseline else 0.0
+    plain_run = plain.median - base
+    for variant in variants:
+        run = variant.median - base
+        per_test = run / tests * 1000 if tests else 0.0
+        print(
+            f"  {variant.name:<28} {variant.median:>8.2f}s {variant.median / plain.median:>8.2f}x"
+            f" {per_test:>8.3f}ms {run / plain_run:>8.2f}x"
+        )
+    if baseline:
+        print(f"  ({baseline.name}: {baseline.median:.2f}s, subtracted for 'per test')")
+
+
+def trivial_suite(count: int) -> Path:
+    suite = WORK / f"trivial{count}"
+    suite.mkdir(parents=True, exist_ok=True)
+    body = "".join(f"def test_{i}():\n    pass\n\n\n" for i in range(count))
+    (suite / "test_many.py").write_text(body)
+    return suite
+
+
+def bench_trivial(rounds: int, count: int) -> None:
+    suite = trivial_suite(count)
+    collect = Variant("collect only", ["--collect-only", "-p", "isolator"])
+    variants = [
+        Variant("plain", ["-p", "isolator"]),
+        Variant("--isolate=module", ["-p", "isolator", "--isolate=module"]),
+        Variant("--isolate=test", ["-p", "isolator", "--isolate=test"]),
+    ]
+    measure(suite, [collect, *variants], rounds)
+    report(f"{count} trivial tests in one module ({rounds} rounds)", variants, collect, count)
+
+
+def bench_networkx(rounds: int) -> None:
+    try:
+        import networkx  # noqa: F401
+    except ImportError:
+        print("\nnetworkx: not installed, skipped (make conformance installs it)")
+        return
+    cwd = WORK
+    cwd.mkdir(parents=True, exist_ok=True)
+    args = ["--pyargs", "networkx", "-p", "isolator", "-x", "-W", "ignore"]
+    variants = [
+        Variant("plain", args),
+        Variant("--isolate=module", [*args, "--isolate=module"]),
+    ]
+    measure(cwd, variants, rounds)
+    report(f"pytest --pyargs networkx ({rounds} rounds)", variants, None, 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tests", type=int, default=2000)
+    parser.add_argument("--only", choices=["trivial", "networkx"], default=None)
+    options = parser.parse_args()
+    os.environ.pop("PYTEST_ADDOPTS", None)
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    if options.only in (None, "trivial"):
+        bench_trivial(options.rounds, options.tests)
+    if options.only in (None, "networkx"):
+        bench_networkx(max(1, options.rounds // 2))
+
+
+if __name__ == "__main__":
+    main()
