@@ -45,7 +45,8 @@ def test_each_crash_fails_its_test_with_the_cause_and_the_rest_run(
             "test_crashy.py::test_segfault (call)",
             "worker w* (PID *) was killed by signal 6 (SIGABRT) while running "
             "test_crashy.py::test_abort (call)",
-            "worker w* (PID *) exited with code 7 while running test_crashy.py::test_exit_code (call)",
+            "worker w* (PID *) exited with code 7 while running "
+            "test_crashy.py::test_exit_code (call)",
             "worker w* (PID *) was killed by signal 9 (SIGKILL) while running "
             "test_crashy.py::test_sigkill (call)",
         ]
