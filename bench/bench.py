@@ -74,6 +74,8 @@ def trivial_suite(count: int) -> Path:
     suite.mkdir(parents=True, exist_ok=True)
     body = "".join(f"def test_{i}():\n    pass\n\n\n" for i in range(count))
     (suite / "test_many.py").write_text(body)
+    # Its own ini file, so the project's pytest settings stay out of it.
+    (suite / "pytest.ini").write_text("[pytest]\n")
     return suite
 
 
@@ -87,6 +89,17 @@ def bench_trivial(rounds: int, count: int) -> None:
     ]
     measure(suite, [collect, *variants], rounds)
     report(f"{count} trivial tests in one module ({rounds} rounds)", variants, collect, count)
+    floor = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "floor.py")],
+        cwd=suite,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    print("  the floor here, one process after another, from the collected pytest process:")
+    for line in floor.stdout.splitlines():
+        variant, ms = line.rsplit(" ", 1)
+        print(f"    {variant:<26} {float(ms):.3f}ms per test")
 
 
 def bench_networkx(rounds: int) -> None:

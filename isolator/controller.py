@@ -8,6 +8,12 @@ every other plugin see what they would see without isolation), and reaps the
 worker when its unit is done or when it dies. A worker that dies leaves a
 failed report for the test it was running; the rest of its unit goes on in a
 fresh worker.
+
+Forking is taken off the critical path: while one worker runs, the next one
+is already forked (a *standby*) and waits on a pipe for the word to start, so
+the page-table copy and the worker's own start-up happen on the other core.
+Workers whose unit is over are killed and reaped later, in the background of
+the next one's run.
 """
 
 from __future__ import annotations
@@ -44,21 +50,28 @@ class WorkerProcess:
     """The controller's handle on one forked worker."""
 
     def __init__(
-        self, label: str, pid: int, read_fd: int, fault_fd: int, plan: list[pytest.Item]
+        self,
+        label: str,
+        pid: int,
+        read_fd: int,
+        go_fd: int,
+        fault_fd: int,
+        plan: list[pytest.Item],
     ) -> None:
         self.label = label
-        #: Where the worker's faulthandler writes the stacks of a fatal error.
-        self.fault_fd = fault_fd
         self.pid = pid
         self.plan = plan
         #: Index in ``plan`` of the next item whose reports we expect.
         self.pos = 0
         #: The worker said it is done and is leaving.
         self.done = False
+        self.started = False
         self.wait_status: int | None = None
         #: What the worker's faulthandler wrote before it died, once reaped.
         self.fault_stacks = ""
         self.receiver = Receiver(read_fd)
+        self.go_fd = go_fd
+        self.fault_fd = fault_fd
         self.pidfd = os.pidfd_open(pid)
         self.selector = selectors.DefaultSelector()
         self.selector.register(read_fd, selectors.EVENT_READ, "pipe")
@@ -88,6 +101,17 @@ class WorkerProcess:
             and self.plan[self.pos] is item
         )
 
+    def go(self, testsfailed: int) -> None:
+        """Tell a worker waiting at the start line to run its unit."""
+        sender = Sender(self.go_fd)
+        sender.send("go", testsfailed)
+        # A worker that died while it waited is found by the replay.
+        with contextlib.suppress(BrokenPipeError):
+            sender.flush()
+        os.close(self.go_fd)
+        self.go_fd = -1
+        self.started = True
+
     def next_message(self) -> Message | None:
         """The next message from the worker; None once it has exited and
         everything it wrote has been read."""
@@ -114,11 +138,16 @@ class WorkerProcess:
         self.fault_stacks = self._read_fault_stacks()
         self._close()
 
-    def _kill_group(self) -> None:
-        # While the worker is unreaped its PID, and so its process group ID,
-        # cannot be reused: this reaches only what it left behind.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+    def try_reap(self) -> bool:
+        """Reap the worker if it has exited; never blocks."""
+        if self.exited:
+            return True
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            return False
+        self.wait_status = status
+        self._close()
+        return True
 
     def _read_fault_stacks(self) -> str:
         try:
@@ -127,27 +156,43 @@ class WorkerProcess:
             return ""
         return faults.trim_fault_stacks(raw.decode("utf-8", "replace"))
 
-    def kill(self) -> None:
-        """End the worker and everything it started, now."""
-        if self.exited:
-            return
-        self._kill_group()
-        self._reap()
+    def _kill_group(self) -> None:
+        # While the worker is unreaped its PID, and so its process group ID,
+        # cannot be reused: this reaches only it and what it left behind.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        """End the worker and everything it started, without waiting for it."""
+        if not self.exited:
+            self._kill_group()
 
     def _close(self) -> None:
         self.selector.close()
-        for fd in (self.receiver.fd, self.pidfd, self.fault_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        for fd in (self.receiver.fd, self.pidfd, self.fault_fd, self.go_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.go_fd = -1
 
 
 class Controller:
     """Plugin that owns the workers of one pytest process."""
 
-    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+    def __init__(
+        self, config: pytest.Config, settings: Settings, reporter: worker.WorkerReporter
+    ) -> None:
         self.config = config
         self.settings = settings
+        self.reporter = reporter
+        #: The worker whose reports are being replayed.
         self.current: WorkerProcess | None = None
+        #: A worker forked in advance for the unit expected next.
+        self.standby: WorkerProcess | None = None
+        #: Workers told to end, not yet reaped.
+        self.ending: list[WorkerProcess] = []
+        #: True in a forked worker, where this plugin must step aside.
+        self.in_worker = False
         self._positions: dict[int, int] | None = None
         self._spawned = 0
         self._parent_pid = os.getpid()
@@ -185,26 +230,34 @@ class Controller:
             following += 1
         return plan
 
+    def _expected_next_plan(self, plan: list[pytest.Item]) -> list[pytest.Item] | None:
+        """The plan of the unit that collection order puts after ``plan``."""
+        last = self._position(plan[-1])
+        items = plan[-1].session.items
+        if last is None or last + 1 >= len(items):
+            return None
+        first = items[last + 1]
+        after = items[last + 2] if last + 2 < len(items) else None
+        return self.plan_for(first, after)
+
     # -- hooks -----------------------------------------------------------
 
     @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool:
+    def pytest_runtest_protocol(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> bool | None:
+        if self.in_worker:
+            return None  # the worker runs the item with pytest's own protocol
+        session = item.session
         while True:
-            proc = self.current
-            if proc is None or not proc.expects(item):
-                if proc is not None:
-                    proc.kill()
-                proc = self.current = self._spawn(self.plan_for(item, nextitem))
+            proc = self._worker_for(item, nextitem)
             if self._replay(proc, item):
                 break
             # The worker stopped before this item (its own session decided to
             # stop, ours did not): the item never ran, so it gets a fresh one.
-            proc.kill()
-            self.current = None
-        session = item.session
+            self._retire(proc)
         if proc.spent or proc.pos >= len(proc.plan) or session.shouldfail or session.shouldstop:
             self._finish(proc)
-            self.current = None
         return True
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -213,11 +266,49 @@ class Controller:
         return (yield)
 
     def shutdown(self) -> None:
-        if self.current is not None:
-            self.current.kill()
-            self.current = None
+        for proc in (self.current, self.standby):
+            if proc is not None:
+                self._retire(proc)
+        self.current = self.standby = None
+        for proc in self.ending:
+            if not proc.exited:
+                proc._reap()
+        self.ending.clear()
 
     # -- workers ---------------------------------------------------------
+
+    def _worker_for(self, item: pytest.Item, nextitem: pytest.Item | None) -> WorkerProcess:
+        """The worker that runs ``item``: the current one, the standby, or a new one."""
+        proc = self.current
+        if proc is not None:
+            if proc.expects(item):
+                return proc
+            self._retire(proc)
+            self.current = None
+        plan = self.plan_for(item, nextitem)
+        proc, self.standby = self.standby, None
+        if proc is None or proc.plan != plan or proc.exited:
+            if proc is not None:
+                self._retire(proc)
+            proc = self._spawn(plan)
+        proc.go(item.session.testsfailed)
+        self.current = proc
+        self._reap_ended()
+        expected = self._expected_next_plan(plan)
+        if expected is not None:
+            self.standby = self._spawn(expected)
+        return proc
+
+    def _retire(self, proc: WorkerProcess) -> None:
+        proc.stop()
+        if proc is self.current:
+            self.current = None
+        if not proc.exited:
+            self.ending.append(proc)
+
+    def _reap_ended(self) -> None:
+        if self.ending:
+            self.ending = [proc for proc in self.ending if not proc.try_reap()]
 
     def _spawn(self, plan: list[pytest.Item]) -> WorkerProcess:
         self._spawned += 1
@@ -229,33 +320,44 @@ class Controller:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         read_fd, write_fd = os.pipe()
+        go_read, go_write = os.pipe()
         fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
         pid = os.fork()
         if pid == 0:
-            self._become_worker(read_fd, write_fd, fault_fd, plan)
+            os.close(go_write)
+            self._become_worker(read_fd, write_fd, go_read, fault_fd, plan)
         os.close(write_fd)
+        os.close(go_read)
         # Also done in the worker; whichever runs first wins the race with a
         # kill of the group.
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
-        return WorkerProcess(label, pid, read_fd, fault_fd, plan)
+        return WorkerProcess(label, pid, read_fd, go_write, fault_fd, plan)
 
     def _become_worker(
-        self, read_fd: int, write_fd: int, fault_fd: int, plan: list[pytest.Item]
+        self, read_fd: int, write_fd: int, go_fd: int, fault_fd: int, plan: list[pytest.Item]
     ) -> None:
         sender = Sender(write_fd)
+        session = plan[0].session
         try:
+            self.in_worker = True
             os.close(read_fd)
             os.setpgid(0, 0)
             if self._prctl is not None:
                 self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != self._parent_pid:
                 os._exit(1)  # the parent died before we could ask to follow it
-            if self.current is not None:
-                # Another worker's pipe: holding it would hide that worker's end.
-                os.close(self.current.receiver.fd)
+            # Other workers' pipes: holding them would hide those workers' end.
+            for other in (self.current, self.standby, *self.ending):
+                if other is not None:
+                    for fd in (other.receiver.fd, other.go_fd):
+                        if fd >= 0:
+                            with contextlib.suppress(OSError):
+                                os.close(fd)
             faulthandler.enable(file=fault_fd, all_threads=True)
-            worker.prepare(self.config, sender, self)
+            worker.prepare(self.config, self.reporter, sender)
+            if not worker.wait_for_go(go_fd, session):
+                os._exit(0)
         except BaseException:
             import traceback
 
@@ -265,7 +367,7 @@ class Controller:
         worker.run_plan(plan, sender)
 
     def _finish(self, proc: WorkerProcess) -> None:
-        """Let a worker whose unit is over say goodbye, then reap it.
+        """Let a worker whose unit is over say goodbye, then end it.
 
         Warnings of a test are recorded after its ``logfinish`` (pytest's
         warnings plugin wraps the whole protocol), so the last test's warnings
@@ -275,7 +377,7 @@ class Controller:
             if message is None:
                 break
             self._dispatch(proc, message)
-        proc.kill()
+        self._retire(proc)
 
     # -- replay ----------------------------------------------------------
 
@@ -320,13 +422,13 @@ class Controller:
         elif kind == "done":
             proc.done = True
         elif kind == "exit":
-            proc.kill()
+            self._retire(proc)
             raise pytest.exit.Exception(message[1], message[2])
         elif kind == "interrupt":
-            proc.kill()
+            self._retire(proc)
             raise KeyboardInterrupt
         elif kind == "internal":
-            proc.kill()
+            self._retire(proc)
             raise RuntimeError(
                 f"isolator: worker {proc.label} failed outside any test:\n{message[1]}"
             )

@@ -10,6 +10,7 @@ import pytest
 
 from isolator.controller import Controller
 from isolator.settings import add_options, load_settings
+from isolator.worker import WorkerReporter
 
 controller_key = pytest.StashKey[Controller]()
 
@@ -23,6 +24,8 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = load_settings(config)
     if not settings.enabled:
         return
-    controller = Controller(config, settings)
+    reporter = WorkerReporter(config)
+    config.pluginmanager.register(reporter, "isolator-worker-reporter")
+    controller = Controller(config, settings, reporter)
     config.stash[controller_key] = controller
     config.pluginmanager.register(controller, "isolator-controller")

@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from isolator.wire import Sender
+from isolator.wire import Receiver, Sender
 
 #: Hooks whose implementations report or record results; in a worker these
 #: reach only the worker's reporter (see the invariant above).
@@ -46,21 +46,28 @@ _STEERING_PLUGINS = ("session", "stepwiseplugin")
 
 
 class WorkerReporter:
-    """Forwards the reporting hooks of a worker to its parent."""
+    """Forwards the reporting hooks of a worker to its parent.
 
-    def __init__(self, config: pytest.Config, sender: Sender) -> None:
+    Registered in the parent at configure time, where it stays idle; it goes
+    live in a worker once the worker has a pipe to write to.
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.sender = sender
+        self.sender = Sender(-1)
         # Registering a plugin replays historic hooks (warnings recorded during
-        # collection, in the parent); those were reported there already.
+        # collection); those belong to the parent, and the reporter is idle there.
         self.live = False
 
     @pytest.hookimpl
     def pytest_runtest_logstart(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
-        self.sender.send("logstart", nodeid, location)
+        if self.live:
+            self.sender.send("logstart", nodeid, location)
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if not self.live:
+            return
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         self.sender.send("report", data)
         # Flushed per report so a crash in the next phase still leaves the
@@ -69,6 +76,8 @@ class WorkerReporter:
 
     @pytest.hookimpl
     def pytest_runtest_logfinish(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
+        if not self.live:
+            return
         self.sender.send("logfinish", nodeid, location)
         self.sender.flush()
 
@@ -124,31 +133,38 @@ def _route_report_hooks(config: pytest.Config, reporter: WorkerReporter) -> None
         caller._hookimpls[:] = [impl for impl in caller._hookimpls if impl.plugin in keep]
 
 
-def _restart_capture(config: pytest.Config) -> None:
-    """Give this worker capture files of its own.
+def prepare(config: pytest.Config, reporter: WorkerReporter, sender: Sender) -> None:
+    """Turn the freshly forked copy of the parent into a worker.
 
-    The fd-level capture files are inherited from the parent and share their
-    file offset with it and with every other worker; a worker that wrote into
-    them while another one read would mix their output.
+    Kept to the least that works: every page this touches is copied out of
+    the parent's memory (copy-on-write), and under ``--isolate=test`` that
+    happens once per test. So the reporter is registered in the parent (idle
+    there) rather than here, and the capture files are the parent's own: only
+    one worker is ever inside a test phase, and each phase leaves the files
+    read and truncated for the next.
     """
-    capman = config.pluginmanager.getplugin("capturemanager")
-    if capman is None or not capman.is_globally_capturing():
-        return
-    capman.stop_global_capturing()
-    capman.start_global_capturing()
-    capman.suspend_global_capture()
-
-
-def prepare(config: pytest.Config, sender: Sender, controller: object) -> WorkerReporter:
-    """Turn the freshly forked copy of the parent into a worker."""
-    pm = config.pluginmanager
-    pm.unregister(controller)
-    _restart_capture(config)
-    reporter = WorkerReporter(config, sender)
-    pm.register(reporter, "isolator-worker")
     _route_report_hooks(config, reporter)
+    reporter.sender = sender
     reporter.live = True
-    return reporter
+
+
+def wait_for_go(go_fd: int, session: pytest.Session) -> bool:
+    """Block until the parent says this worker's unit starts; False if the
+    parent closed the pipe instead (the worker was forked in advance and is
+    not needed)."""
+    receiver = Receiver(go_fd)
+    while True:
+        message = receiver.pop()
+        if message is not None:
+            break
+        if not receiver.fill():
+            return False
+    _, testsfailed = message
+    # Failures counted by the parent since this worker was forked, so that
+    # --maxfail stops here exactly where it stops there.
+    session.testsfailed = testsfailed
+    os.close(go_fd)
+    return True
 
 
 def run_plan(plan: list[pytest.Item], sender: Sender) -> NoReturn:
