@@ -16,6 +16,21 @@ _DURATION = re.compile(r"^\d+\.\d+s ")
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
 
 
+def without_memory_section(lines: list[str]) -> list[str]:
+    """Output lines less isolator's memory summary (it shows only when isolating)."""
+    kept: list[str] = []
+    skipping = False
+    for line in lines:
+        if line.startswith("=") and "isolator: memory" in line:
+            skipping = True
+            continue
+        if skipping and line.startswith("="):
+            skipping = False
+        if not skipping:
+            kept.append(line)
+    return kept
+
+
 def normalize(lines: list[str]) -> list[str]:
     """Output lines with run times blanked, for comparing two runs."""
     return [

@@ -26,6 +26,7 @@ import os
 import selectors
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Callable, Hashable
 
@@ -33,7 +34,8 @@ import pytest
 from pluggy import HookRelay
 
 from isolator import compat, faults, worker
-from isolator.settings import Settings
+from isolator.settings import Overrides, Settings, overrides_key, read_marker
+from isolator.stats import RunMemory
 from isolator.wire import Message, Receiver, Sender
 
 _PR_SET_PDEATHSIG = 1
@@ -69,6 +71,8 @@ class WorkerProcess:
         self.wait_status: int | None = None
         #: What the worker's faulthandler wrote before it died, once reaped.
         self.fault_stacks = ""
+        #: Why the worker said it leaves early (recycled), if it did.
+        self.leave_reason: str | None = None
         self.receiver = Receiver(read_fd)
         self.go_fd = go_fd
         self.fault_fd = fault_fd
@@ -180,11 +184,13 @@ class Controller:
     """Plugin that owns the workers of one pytest process."""
 
     def __init__(
-        self, config: pytest.Config, settings: Settings, reporter: worker.WorkerReporter
+        self, config: pytest.Config, settings: Settings, plugin: worker.WorkerPlugin
     ) -> None:
         self.config = config
         self.settings = settings
-        self.reporter = reporter
+        self.plugin = plugin
+        node = getattr(config, "workerinput", {}).get("workerid", "main")
+        self.memory = RunMemory(time.time(), node)
         #: The worker whose reports are being replayed.
         self.current: WorkerProcess | None = None
         #: A worker forked in advance for the unit expected next.
@@ -201,12 +207,25 @@ class Controller:
     # -- units and plans -------------------------------------------------
 
     def unit_key(self, item: pytest.Item) -> Hashable:
+        """Items with equal keys, next to each other, share a worker."""
         mode = self.settings.mode
-        if mode == "test":
+        overrides = item.stash.get(overrides_key, Overrides())
+        if mode == "test" or overrides.needs_own_worker:
             return item
         if mode == "module":
             return item.getparent(pytest.File) or item.parent  # type: ignore[type-abstract]
-        raise NotImplementedError(mode)
+        if mode == "marked" and overrides.marked:
+            return item
+        return "shared"
+
+    def limits_for(self, label: str, plan: list[pytest.Item]) -> worker.Limits:
+        settings = self.settings
+        budget, ceiling = settings.budget_bytes, settings.ceiling_bytes
+        if len(plan) == 1:
+            own = plan[0].stash.get(overrides_key, Overrides()).budget_bytes
+            if own is not None:
+                budget = ceiling = own
+        return worker.Limits(label, budget, ceiling, settings.growth_limit_bytes)
 
     def _position(self, item: pytest.Item) -> int | None:
         if self._positions is None:
@@ -260,10 +279,41 @@ class Controller:
             self._finish(proc)
         return True
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        # Marker arguments are checked before any test runs, so a typo is a
+        # usage error and not a failure halfway through the run.
+        markers = self.settings.markers
+        for item in session.items:
+            item.stash[overrides_key] = read_marker(item, markers)
+
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_sessionfinish(self) -> object:
         self.shutdown()
+        settings = {
+            "mode": self.settings.mode,
+            "budget_bytes": self.settings.budget_bytes,
+            "ceiling_bytes": self.settings.ceiling_bytes,
+            "growth_limit_bytes": self.settings.growth_limit_bytes,
+        }
+        if self.settings.report_path:
+            self.memory.write_json(self.settings.report_path, **settings)
+        if self.settings.html_path:
+            from isolator import chart
+
+            chart.write_html(self.settings.html_path, self.memory, self.settings.budget_bytes)
         return (yield)
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        lines = self.memory.summary_lines(self.settings.top)
+        if not lines:
+            return
+        terminalreporter.write_sep("=", "isolator: memory")
+        for line in lines:
+            terminalreporter.write_line(line)
+        for path, what in ((self.settings.report_path, "JSON"), (self.settings.html_path, "HTML")):
+            if path:
+                terminalreporter.write_line(f"memory report ({what}): {path}")
 
     def shutdown(self) -> None:
         for proc in (self.current, self.standby):
@@ -299,7 +349,13 @@ class Controller:
             self.standby = self._spawn(expected)
         return proc
 
-    def _retire(self, proc: WorkerProcess) -> None:
+    def _retire(self, proc: WorkerProcess, reason: str = "stopped") -> None:
+        if proc.started:
+            if proc.exited and proc.wait_status is not None and not proc.done:
+                reason = f"crashed: {faults.describe_status(proc.wait_status)}"
+            elif proc.done:
+                reason = proc.leave_reason or "unit done"
+            self.memory.worker_ended(proc.label, reason, time.time())
         proc.stop()
         if proc is self.current:
             self.current = None
@@ -322,10 +378,11 @@ class Controller:
         read_fd, write_fd = os.pipe()
         go_read, go_write = os.pipe()
         fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
+        limits = self.limits_for(label, plan)
         pid = os.fork()
         if pid == 0:
             os.close(go_write)
-            self._become_worker(read_fd, write_fd, go_read, fault_fd, plan)
+            self._become_worker(read_fd, write_fd, go_read, fault_fd, plan, limits)
         os.close(write_fd)
         os.close(go_read)
         # Also done in the worker; whichever runs first wins the race with a
@@ -335,7 +392,13 @@ class Controller:
         return WorkerProcess(label, pid, read_fd, go_write, fault_fd, plan)
 
     def _become_worker(
-        self, read_fd: int, write_fd: int, go_fd: int, fault_fd: int, plan: list[pytest.Item]
+        self,
+        read_fd: int,
+        write_fd: int,
+        go_fd: int,
+        fault_fd: int,
+        plan: list[pytest.Item],
+        limits: worker.Limits,
     ) -> None:
         sender = Sender(write_fd)
         session = plan[0].session
@@ -355,16 +418,17 @@ class Controller:
                             with contextlib.suppress(OSError):
                                 os.close(fd)
             faulthandler.enable(file=fault_fd, all_threads=True)
-            worker.prepare(self.config, self.reporter, sender)
+            worker.prepare(self.config, self.plugin, sender)
             if not worker.wait_for_go(go_fd, session):
                 os._exit(0)
+            self.plugin.start(limits)
         except BaseException:
             import traceback
 
             sender.send("internal", traceback.format_exc())
             sender.flush()
             os._exit(70)
-        worker.run_plan(plan, sender)
+        worker.run_plan(plan, self.plugin, sender)
 
     def _finish(self, proc: WorkerProcess) -> None:
         """Let a worker whose unit is over say goodbye, then end it.
@@ -408,6 +472,7 @@ class Controller:
                 ihook.pytest_runtest_logstart(nodeid=message[1], location=message[2])
             elif kind == "logfinish":
                 proc.pos += 1
+                self.memory.test_done(proc.label, message[1], message[3])
                 ihook.pytest_runtest_logfinish(nodeid=message[1], location=message[2])
                 return True
             else:
@@ -419,8 +484,14 @@ class Controller:
         if kind == "warning":
             payload, when, nodeid, location = message[1:]
             self._replay_warning(self.config.hook, payload, when, nodeid, location)
+        elif kind == "started":
+            self.memory.worker_started(proc.label, proc.pid, message[1], message[2])
         elif kind == "done":
             proc.done = True
+            if message[1]:
+                proc.leave_reason = (
+                    message[1] if message[1] == "ceiling hit" else f"recycled: {message[1]}"
+                )
         elif kind == "exit":
             self._retire(proc)
             raise pytest.exit.Exception(message[1], message[2])

@@ -10,7 +10,7 @@ import pytest
 
 from isolator.controller import Controller
 from isolator.settings import add_options, load_settings
-from isolator.worker import WorkerReporter
+from isolator.worker import WorkerPlugin
 
 controller_key = pytest.StashKey[Controller]()
 
@@ -21,11 +21,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "isolate(mem=None, max_growth=None, timeout=None): run this test in a worker of its "
+        "own under --isolate=marked; mem= gives it its own memory budget and ceiling (and its "
+        "own worker in any mode), max_growth= fails it if it retains more memory than that "
+        "after its teardown, timeout= kills its worker after that many seconds.",
+    )
     settings = load_settings(config)
     if not settings.enabled:
         return
-    reporter = WorkerReporter(config)
-    config.pluginmanager.register(reporter, "isolator-worker-reporter")
-    controller = Controller(config, settings, reporter)
+    plugin = WorkerPlugin(config)
+    config.pluginmanager.register(plugin, "isolator-worker")
+    controller = Controller(config, settings, plugin)
     config.stash[controller_key] = controller
     config.pluginmanager.register(controller, "isolator-controller")

@@ -54,7 +54,39 @@ def add_options(parser: pytest.Parser) -> None:
         help="Kill a worker whose test runs longer than this, dump its stack and fail the "
         "test. Ini: isolate_timeout.",
     )
+    group.addoption(
+        "--mem-growth-limit",
+        dest="mem_growth_limit",
+        default=None,
+        metavar="SIZE",
+        help="Fail (as a teardown error) a test that retains more than SIZE of memory "
+        "after its teardown. Ini: mem_growth_limit.",
+    )
+    group.addoption(
+        "--mem-top",
+        dest="mem_top",
+        default=None,
+        metavar="N",
+        help="Show the N tests with the highest memory peak and the N largest workers in "
+        "the summary (default 10, 0 for none). Ini: mem_top.",
+    )
+    group.addoption(
+        "--isolate-report",
+        dest="isolate_report",
+        default=None,
+        metavar="PATH",
+        help="Write per-worker and per-test memory figures as JSON to PATH.",
+    )
+    group.addoption(
+        "--isolate-html",
+        dest="isolate_html",
+        default=None,
+        metavar="PATH",
+        help="Write a self-contained HTML page drawing memory over time per worker to PATH.",
+    )
     parser.addini("isolate", "Default for --isolate.", default="off")
+    parser.addini("mem_growth_limit", "Default for --mem-growth-limit.", default="")
+    parser.addini("mem_top", "Default for --mem-top.", default="")
     parser.addini("worker_mem", "Default for --worker-mem.", default="")
     parser.addini("worker_ceiling", "Default for --worker-ceiling.", default="")
     parser.addini("isolate_timeout", "Default for --isolate-timeout.", default="")
@@ -80,6 +112,13 @@ class Settings:
     timeout_s: float | None
     #: Markers that earn a test its own worker in ``marked`` mode.
     markers: tuple[str, ...]
+    #: Fail a test that retains more than this after its teardown.
+    growth_limit_bytes: int | None = None
+    #: How many tests and workers the terminal summary lists.
+    top: int = 10
+    #: Where to write the JSON report and the HTML picture.
+    report_path: str | None = None
+    html_path: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -151,10 +190,98 @@ def load_settings(config: pytest.Config) -> Settings:
         )
 
     markers = tuple(str(m) for m in config.getini("isolate_markers"))
+    growth_limit = _size(config, "mem_growth_limit", "mem_growth_limit", allow_none=False)
+
+    top = 10
+    raw_top, where = _source(config, "mem_top", "mem_top")
+    if raw_top is not None:
+        try:
+            top = int(raw_top)
+        except ValueError:
+            top = -1
+        if top < 0:
+            raise pytest.UsageError(
+                f"isolator: {where}: {raw_top!r} is not a count (a whole number, 0 or more)"
+            )
+
     return Settings(
         mode=mode,
         budget_bytes=budget,
         ceiling_bytes=ceiling,
         timeout_s=timeout,
         markers=markers,
+        growth_limit_bytes=growth_limit,
+        top=top,
+        report_path=config.getoption("isolate_report"),
+        html_path=config.getoption("isolate_html"),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Overrides:
+    """What ``@pytest.mark.isolate(...)`` sets for one test."""
+
+    #: The marker was there at all (a worker of its own under ``marked``).
+    marked: bool = False
+    budget_bytes: int | None = None
+    growth_limit_bytes: int | None = None
+    timeout_s: float | None = None
+
+    @property
+    def needs_own_worker(self) -> bool:
+        # A memory figure for one test only means something if the worker
+        # is that test's alone.
+        return self.budget_bytes is not None
+
+
+overrides_key = pytest.StashKey[Overrides]()
+
+_MARKER_KWARGS = ("mem", "max_growth", "timeout")
+
+
+def read_marker(item: pytest.Item, markers: tuple[str, ...]) -> Overrides:
+    """The isolate marker's arguments for ``item``, checked; UsageError if bad."""
+    marker = item.get_closest_marker("isolate")
+    marked = marker is not None or any(item.get_closest_marker(name) for name in markers)
+    if marker is None:
+        return Overrides(marked=marked)
+    where = f"@pytest.mark.isolate on {item.nodeid}"
+    if marker.args:
+        raise pytest.UsageError(
+            f"isolator: {where}: takes keyword arguments only ({', '.join(_MARKER_KWARGS)})"
+        )
+    unknown = sorted(set(marker.kwargs) - set(_MARKER_KWARGS))
+    if unknown:
+        raise pytest.UsageError(
+            f"isolator: {where}: unknown argument {unknown[0]!r} "
+            f"(expected {', '.join(_MARKER_KWARGS)})"
+        )
+
+    def size(key: str) -> int | None:
+        value = marker.kwargs.get(key)
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        try:
+            return parse_size(str(value))
+        except SizeError as exc:
+            raise pytest.UsageError(f"isolator: {where}: {key}={exc}") from None
+
+    timeout = marker.kwargs.get("timeout")
+    if timeout is not None:
+        try:
+            timeout = float(timeout)
+        except (TypeError, ValueError):
+            timeout = -1.0
+        if not timeout > 0:
+            raise pytest.UsageError(
+                f"isolator: {where}: timeout={marker.kwargs['timeout']!r} must be a positive "
+                "number of seconds"
+            )
+    return Overrides(
+        marked=True,
+        budget_bytes=size("mem"),
+        growth_limit_bytes=size("max_growth"),
+        timeout_s=timeout,
     )

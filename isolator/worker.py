@@ -9,10 +9,15 @@ isolation, and streams what pytest would have reported back over a pipe.
 
 Invariant: every reporting hook implementation runs exactly once per event,
 in the parent, when the event is replayed there. In the worker the reporting
-hooks reach only :class:`WorkerReporter` and the two built-in plugins that
+hooks reach only :class:`WorkerPlugin` and the two built-in plugins that
 steer the run from reports (the session's ``--maxfail`` counter and
 ``--stepwise``), so a worker never prints progress, writes junit xml or
 touches the cache.
+
+The worker also keeps its memory in check: an RLIMIT_AS ceiling set when it
+starts, and at every test boundary a look at its own memory (RSS growth over
+its start); when the next test would likely take it over budget it tears
+down everything it set up, within that test's teardown, and leaves.
 
 The worker never returns into pytest: it leaves with ``os._exit`` so that
 nothing the parent set up (session finish hooks, atexit handlers, a
@@ -22,18 +27,25 @@ non-daemon thread a test left running) runs or waits a second time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import pickle
 import sys
+import time
 import traceback
 import warnings
+from collections.abc import Generator
 from typing import Any, NoReturn
 
 import pytest
 
+from isolator import memory
+from isolator.settings import Overrides, overrides_key
+from isolator.sizes import format_size
 from isolator.wire import Receiver, Sender
 
 #: Hooks whose implementations report or record results; in a worker these
-#: reach only the worker's reporter (see the invariant above).
+#: reach only the worker plugin (see the invariant above).
 REPORT_HOOKS = (
     "pytest_runtest_logstart",
     "pytest_runtest_logreport",
@@ -44,9 +56,30 @@ REPORT_HOOKS = (
 #: Built-in plugins that read reports to decide whether the run goes on.
 _STEERING_PLUGINS = ("session", "stepwiseplugin")
 
+#: Names of the junit xml properties that carry a test's memory figures.
+PEAK_PROPERTY = "isolator_peak_bytes"
+GROWTH_PROPERTY = "isolator_growth_bytes"
 
-class WorkerReporter:
-    """Forwards the reporting hooks of a worker to its parent.
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one worker enforces, decided by the parent for its plan."""
+
+    label: str
+    #: Recycle when the worker's own memory would pass this.
+    budget_bytes: int | None
+    #: RLIMIT_AS headroom above the worker's starting address space.
+    ceiling_bytes: int | None
+    #: Fail a test that retains more than this (unless its marker says otherwise).
+    growth_limit_bytes: int | None
+
+
+class LeakError(AssertionError):
+    """A test kept more memory after its teardown than it was allowed."""
+
+
+class WorkerPlugin:
+    """The worker's side of isolator: forwards reports, watches memory.
 
     Registered in the parent at configure time, where it stays idle; it goes
     live in a worker once the worker has a pipe to write to.
@@ -56,13 +89,40 @@ class WorkerReporter:
         self.config = config
         self.sender = Sender(-1)
         # Registering a plugin replays historic hooks (warnings recorded during
-        # collection); those belong to the parent, and the reporter is idle there.
+        # collection); those belong to the parent, and the plugin is idle there.
         self.live = False
+        self.limits = Limits("", None, None, None)
+        self.probe: memory.Probe | None = None
+        self.base = memory.Sample(0, 0)
+        self._test_start = memory.Sample(0, 0)
+        self._after_setup = memory.Sample(0, 0)
+        self._test_stats: tuple[int, int, int, float] = (0, 0, 0, 0.0)
+        #: Largest growth one test has caused in this worker, RSS and address space.
+        self._step_rss = 0
+        self._step_vm = 0
+        #: Why this worker ends early, once it knows it will.
+        self.recycle_reason: str | None = None
+
+    def start(self, limits: Limits) -> None:
+        """Begin measuring, and set the ceiling; called once the unit starts."""
+        self.limits = limits
+        self.probe = memory.Probe()
+        self.base = self.probe.sample()
+        if limits.ceiling_bytes is not None:
+            memory.limit_malloc_arenas()
+            memory.set_ceiling(limits.ceiling_bytes, self.base.vm_bytes)
+        self.sender.send("started", self.base.rss_bytes, time.time())
+
+    # -- reporting -------------------------------------------------------
 
     @pytest.hookimpl
     def pytest_runtest_logstart(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
-        if self.live:
-            self.sender.send("logstart", nodeid, location)
+        if not self.live:
+            return
+        assert self.probe is not None
+        self.probe.reset_peak()
+        self._test_start = self._after_setup = self.probe.sample()
+        self.sender.send("logstart", nodeid, location)
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -78,7 +138,7 @@ class WorkerReporter:
     def pytest_runtest_logfinish(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
         if not self.live:
             return
-        self.sender.send("logfinish", nodeid, location)
+        self.sender.send("logfinish", nodeid, location, self._test_stats)
         self.sender.flush()
 
     @pytest.hookimpl
@@ -92,10 +152,109 @@ class WorkerReporter:
         if self.live:
             self.sender.send("warning", encode_warning(warning_message), when, nodeid, location)
 
+    # -- memory ----------------------------------------------------------
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None]:
+        try:
+            return (yield)
+        finally:
+            if self.live and self.probe is not None:
+                self._after_setup = self.probe.sample()
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        if self.live and call.excinfo is not None:
+            self._explain_memory_error(item, call.excinfo.value)
+        report = yield
+        if self.live and call.when == "teardown":
+            start_rss, peak_rss, end_rss, _ = self._test_stats
+            report.user_properties.append((PEAK_PROPERTY, max(peak_rss - start_rss, 0)))
+            report.user_properties.append((GROWTH_PROPERTY, end_rss - start_rss))
+        return report
+
+    def _explain_memory_error(self, item: pytest.Item, error: BaseException) -> None:
+        ceiling = self.limits.ceiling_bytes
+        if not isinstance(error, MemoryError) or ceiling is None or self.probe is None:
+            return
+        in_use = self.probe.sample().vm_bytes - self.base.vm_bytes
+        detail = f": {error.args[0]}" if error.args and error.args[0] else ""
+        error.args = (
+            f"worker {self.limits.label} is limited to {format_size(ceiling)} (RLIMIT_AS); "
+            f"{item.name} ran out with {format_size(in_use)} of it in use{detail}",
+        )
+        self.recycle_reason = "ceiling hit"
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> Generator[None]:
+        result = yield
+        if not self.live or self.probe is None:
+            return result
+        end = self.probe.sample()
+        start = self._test_start
+        self._test_stats = (
+            start.rss_bytes,
+            self.probe.peak_rss_bytes(),
+            end.rss_bytes,
+            time.time(),
+        )
+        self._step_rss = max(self._step_rss, end.rss_bytes - start.rss_bytes)
+        self._step_vm = max(self._step_vm, end.vm_bytes - start.vm_bytes)
+        if nextitem is not None and self.recycle_reason is None:
+            self.recycle_reason = self._over_budget(end)
+        if self.recycle_reason is not None and nextitem is not None:
+            # Leave at this boundary: tear down what this worker set up
+            # (module and session fixtures too) inside this test's teardown,
+            # where pytest reports any error it raises.
+            item.session._setupstate.teardown_exact(None)
+        self._check_growth(item, end)
+        return result
+
+    def _over_budget(self, now: memory.Sample) -> str | None:
+        """Why the next test would likely take this worker over its limits.
+
+        The next test is assumed to grow the worker as much as the largest
+        test so far did, so a suite that leaks a little per test is recycled
+        before the ceiling fails one of its tests.
+        """
+        budget = self.limits.budget_bytes
+        if budget is not None:
+            own = now.rss_bytes - self.base.rss_bytes
+            if own + self._step_rss > budget:
+                return (
+                    f"over budget: {format_size(own)} own memory + {format_size(self._step_rss)} "
+                    f"for the next test > {format_size(budget)}"
+                )
+        ceiling = self.limits.ceiling_bytes
+        if ceiling is not None:
+            mapped = now.vm_bytes - self.base.vm_bytes
+            if mapped + self._step_vm > ceiling:
+                return (
+                    f"near ceiling: {format_size(mapped)} mapped + {format_size(self._step_vm)} "
+                    f"for the next test > {format_size(ceiling)}"
+                )
+        return None
+
+    def _check_growth(self, item: pytest.Item, end: memory.Sample) -> None:
+        overrides = item.stash.get(overrides_key, Overrides())
+        limit = overrides.growth_limit_bytes or self.limits.growth_limit_bytes
+        if limit is None:
+            return
+        # Measured from the end of setup: what fixtures of wider scope set up
+        # on this test's watch is theirs, not this test's.
+        retained = end.rss_bytes - self._after_setup.rss_bytes
+        if retained > limit:
+            raise LeakError(
+                f"{item.name} retained {format_size(retained)} of memory after its teardown "
+                f"(limit {format_size(limit)}, RSS growth in worker {self.limits.label})"
+            )
+
 
 def encode_warning(message: warnings.WarningMessage) -> dict[str, Any]:
-    import pickle
-
     payload: dict[str, Any] = {
         "category": message.category,
         "filename": message.filename,
@@ -118,13 +277,13 @@ def encode_warning(message: warnings.WarningMessage) -> dict[str, Any]:
     return payload
 
 
-def _route_report_hooks(config: pytest.Config, reporter: WorkerReporter) -> None:
+def _route_report_hooks(config: pytest.Config, plugin: WorkerPlugin) -> None:
     pm = config.pluginmanager
-    keep: set[object] = {reporter}
+    keep: set[object] = {plugin}
     for name in _STEERING_PLUGINS:
-        plugin = pm.get_plugin(name)
-        if plugin is not None:
-            keep.add(plugin)
+        steering = pm.get_plugin(name)
+        if steering is not None:
+            keep.add(steering)
     for name in REPORT_HOOKS:
         caller = getattr(pm.hook, name)
         # pluggy has no public way to silence one hook of a plugin while
@@ -133,19 +292,19 @@ def _route_report_hooks(config: pytest.Config, reporter: WorkerReporter) -> None
         caller._hookimpls[:] = [impl for impl in caller._hookimpls if impl.plugin in keep]
 
 
-def prepare(config: pytest.Config, reporter: WorkerReporter, sender: Sender) -> None:
+def prepare(config: pytest.Config, plugin: WorkerPlugin, sender: Sender) -> None:
     """Turn the freshly forked copy of the parent into a worker.
 
     Kept to the least that works: every page this touches is copied out of
     the parent's memory (copy-on-write), and under ``--isolate=test`` that
-    happens once per test. So the reporter is registered in the parent (idle
+    happens once per test. So the plugin is registered in the parent (idle
     there) rather than here, and the capture files are the parent's own: only
     one worker is ever inside a test phase, and each phase leaves the files
     read and truncated for the next.
     """
-    _route_report_hooks(config, reporter)
-    reporter.sender = sender
-    reporter.live = True
+    _route_report_hooks(config, plugin)
+    plugin.sender = sender
+    plugin.live = True
 
 
 def wait_for_go(go_fd: int, session: pytest.Session) -> bool:
@@ -167,7 +326,7 @@ def wait_for_go(go_fd: int, session: pytest.Session) -> bool:
     return True
 
 
-def run_plan(plan: list[pytest.Item], sender: Sender) -> NoReturn:
+def run_plan(plan: list[pytest.Item], plugin: WorkerPlugin, sender: Sender) -> NoReturn:
     """Run the plan's items in order, report, and leave the process."""
     code = 0
     session = plan[0].session
@@ -175,11 +334,11 @@ def run_plan(plan: list[pytest.Item], sender: Sender) -> NoReturn:
         for index, item in enumerate(plan):
             nextitem = plan[index + 1] if index + 1 < len(plan) else None
             item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
-            if session.shouldfail or session.shouldstop:
+            if session.shouldfail or session.shouldstop or plugin.recycle_reason:
                 break
         # A stop decided in the last teardown's report left fixtures standing.
         session._setupstate.teardown_exact(None)
-        sender.send("done", None)
+        sender.send("done", plugin.recycle_reason)
     except pytest.exit.Exception as exc:
         _teardown_quietly(session)
         sender.send("exit", exc.msg, exc.returncode)

@@ -1,0 +1,161 @@
+"""Memory figures of a run: per test, per worker, and in total.
+
+Every figure is a worker's *own* memory: its RSS growth over the moment it
+started (pages it shares with the process it was forked from don't count).
+The controller feeds this from the workers' messages; the terminal summary,
+the JSON report and the HTML picture all read from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from isolator.sizes import format_size
+
+#: Bump when a field changes meaning or goes away; adding fields keeps it.
+SCHEMA_VERSION = 1
+MEASURE = "RSS growth over the worker's start (its own memory, not pages shared with its parent)"
+
+
+@dataclasses.dataclass
+class TestMemory:
+    nodeid: str
+    worker: str
+    #: Highest own memory while the test ran (setup to teardown).
+    peak_bytes: int
+    #: Own memory the test left behind after its teardown (negative if it freed).
+    growth_bytes: int
+    #: When the test finished, seconds since the run started.
+    at_s: float
+
+
+@dataclasses.dataclass
+class WorkerMemory:
+    label: str
+    #: The pytest-xdist worker it ran under ("gw0"), or "main".
+    node: str
+    pid: int
+    started_s: float
+    start_rss_bytes: int = 0
+    ended_s: float | None = None
+    peak_bytes: int = 0
+    end_bytes: int = 0
+    tests: int = 0
+    #: unit done, recycled (over budget / near ceiling), ceiling hit, crashed: ..., stopped
+    ended: str = "running"
+    #: (seconds since run start, own memory) at the start and after each test.
+    samples: list[tuple[float, int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def abnormal(self) -> bool:
+        return self.ended not in ("unit done", "running")
+
+
+class RunMemory:
+    """Everything measured in one pytest process (or gathered from xdist nodes)."""
+
+    def __init__(self, t0: float, node: str = "main") -> None:
+        self.t0 = t0
+        self.node = node
+        self.workers: dict[str, WorkerMemory] = {}
+        self.tests: list[TestMemory] = []
+
+    def worker_started(self, label: str, pid: int, start_rss: int, at: float) -> None:
+        worker = WorkerMemory(label, self.node, pid, at - self.t0, start_rss)
+        worker.samples.append((worker.started_s, 0))
+        self.workers[label] = worker
+
+    def test_done(self, label: str, nodeid: str, stats: tuple[int, int, int, float]) -> None:
+        worker = self.workers.get(label)
+        if worker is None:
+            return
+        start_rss, peak_rss, end_rss, at = stats
+        base = worker.start_rss_bytes
+        at_s = at - self.t0
+        peak = max(peak_rss, end_rss, start_rss) - base
+        growth = end_rss - start_rss
+        self.tests.append(TestMemory(nodeid, label, peak, growth, at_s))
+        worker.tests += 1
+        worker.peak_bytes = max(worker.peak_bytes, peak)
+        worker.end_bytes = end_rss - base
+        worker.samples.append((at_s, peak))
+        worker.samples.append((at_s, worker.end_bytes))
+
+    def worker_ended(self, label: str, reason: str, at: float) -> None:
+        worker = self.workers.get(label)
+        if worker is None or worker.ended_s is not None:
+            return
+        worker.ended = reason
+        worker.ended_s = at - self.t0
+
+    def merge(self, other: dict[str, Any]) -> None:
+        """Take in the figures an xdist node sent (the dict of :meth:`to_dict`)."""
+        for raw in other.get("workers", []):
+            raw = dict(raw)
+            raw["samples"] = [tuple(s) for s in raw.get("samples", [])]
+            worker = WorkerMemory(**raw)
+            self.workers[f"{worker.node}/{worker.label}"] = worker
+        for raw in other.get("tests", []):
+            self.tests.append(TestMemory(**raw))
+
+    # -- output ----------------------------------------------------------
+
+    @property
+    def recycled(self) -> list[WorkerMemory]:
+        return [w for w in self.workers.values() if w.ended.startswith(("recycled", "ceiling"))]
+
+    def to_dict(self, **settings: Any) -> dict[str, Any]:
+        largest = max(self.workers.values(), key=lambda w: w.peak_bytes, default=None)
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "measure": MEASURE,
+            "settings": settings,
+            "summary": {
+                "workers": len(self.workers),
+                "tests": len(self.tests),
+                "recycled": len(self.recycled),
+                "crashed": sum(w.ended.startswith("crashed") for w in self.workers.values()),
+                "largest_peak_bytes": largest.peak_bytes if largest else 0,
+                "largest_peak_worker": largest.label if largest else None,
+            },
+            "workers": [dataclasses.asdict(w) for w in self.workers.values()],
+            "tests": [dataclasses.asdict(t) for t in self.tests],
+        }
+
+    def write_json(self, path: str, **settings: Any) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(**settings), indent=1) + "\n")
+
+    def summary_lines(self, top: int) -> list[str]:
+        lines: list[str] = []
+        workers = list(self.workers.values())
+        if not workers:
+            return lines
+        if top and self.tests:
+            lines.append(f"highest memory peaks ({MEASURE.split(' (')[0]}):")
+            lines.append(f"  {'peak':>8} {'kept':>8}  worker  test")
+            for test in sorted(self.tests, key=lambda t: t.peak_bytes, reverse=True)[:top]:
+                lines.append(
+                    f"  {format_size(test.peak_bytes):>8} {format_size(test.growth_bytes):>8}  "
+                    f"{test.worker:<6}  {test.nodeid}"
+                )
+        shown = sorted(workers, key=lambda w: w.peak_bytes, reverse=True)[:top]
+        shown += [w for w in workers if w.abnormal and w not in shown]
+        if shown and top:
+            lines.append("workers:")
+            lines.append(f"  {'worker':<8} {'tests':>5} {'peak':>8} {'end':>8}  ended")
+            for worker in sorted(shown, key=lambda w: w.started_s):
+                name = worker.label if worker.node == "main" else f"{worker.node}/{worker.label}"
+                lines.append(
+                    f"  {name:<8} {worker.tests:>5} {format_size(worker.peak_bytes):>8} "
+                    f"{format_size(worker.end_bytes):>8}  {worker.ended}"
+                )
+        largest = max(workers, key=lambda w: w.peak_bytes)
+        crashed = sum(w.ended.startswith("crashed") for w in workers)
+        lines.append(
+            f"{len(workers)} workers, {len(self.recycled)} recycled, {crashed} crashed; "
+            f"largest peak {format_size(largest.peak_bytes)} ({largest.label})"
+        )
+        return lines
