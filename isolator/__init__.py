@@ -7,8 +7,8 @@ this module) and the ``pytest11`` entry point register the same object, and
 
 from __future__ import annotations
 
-from isolator.plugin import pytest_addoption, pytest_configure
+from isolator.plugin import memory_monitor, pytest_addoption, pytest_configure
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "pytest_addoption", "pytest_configure"]
+__all__ = ["__version__", "memory_monitor", "pytest_addoption", "pytest_configure"]

@@ -63,6 +63,8 @@ class WorkerProcess:
         self.label = label
         self.pid = pid
         self.plan = plan
+        #: Indices in ``plan`` before which the worker waits for the word to go on.
+        self.gaps: frozenset[int] = frozenset()
         #: Index in ``plan`` of the next item whose reports we expect.
         self.pos = 0
         #: The worker said it is done and is leaving.
@@ -106,15 +108,23 @@ class WorkerProcess:
         )
 
     def go(self, testsfailed: int) -> None:
-        """Tell a worker waiting at the start line to run its unit."""
+        """Tell a worker waiting at the start line, or at a gap in its plan,
+        to run on."""
         sender = Sender(self.go_fd)
         sender.send("go", testsfailed)
         # A worker that died while it waited is found by the replay.
         with contextlib.suppress(BrokenPipeError):
             sender.flush()
-        os.close(self.go_fd)
-        self.go_fd = -1
         self.started = True
+
+    @property
+    def at_gap(self) -> bool:
+        """The worker waits before its next item (other workers run the tests
+        in between)."""
+        return self.pos in self.gaps and not self.spent and not self.done
+
+    def remaining(self) -> set[int]:
+        return {id(item) for item in self.plan[self.pos :]}
 
     def next_message(self) -> Message | None:
         """The next message from the worker; None once it has exited and
@@ -195,6 +205,9 @@ class Controller:
         self.current: WorkerProcess | None = None
         #: A worker forked in advance for the unit expected next.
         self.standby: WorkerProcess | None = None
+        #: A worker waiting at a gap in its plan while others run the tests
+        #: in between (the shared worker of ``--isolate=marked``).
+        self.parked: WorkerProcess | None = None
         #: Workers told to end, not yet reaped.
         self.ending: list[WorkerProcess] = []
         #: True in a forked worker, where this plugin must step aside.
@@ -234,7 +247,10 @@ class Controller:
 
     def plan_for(self, item: pytest.Item, nextitem: pytest.Item | None) -> list[pytest.Item]:
         """The items a new worker runs: ``item`` and the ones after it in the
-        same unit, as long as the run order is the collection order."""
+        same unit, as long as the run order is the collection order.
+
+        A module's items are consecutive; the shared unit of ``marked`` and
+        ``shared`` may have gaps, where tests of their own run in between."""
         plan = [item]
         start = self._position(item)
         items = item.session.items
@@ -244,20 +260,40 @@ class Controller:
         if following >= len(items) or items[following] is not nextitem:
             return plan
         key = self.unit_key(item)
-        while following < len(items) and self.unit_key(items[following]) == key:
-            plan.append(items[following])
-            following += 1
+        if key != "shared":
+            while following < len(items) and self.unit_key(items[following]) == key:
+                plan.append(items[following])
+                following += 1
+            return plan
+        plan.extend(it for it in items[following:] if self.unit_key(it) == key)
         return plan
 
-    def _expected_next_plan(self, plan: list[pytest.Item]) -> list[pytest.Item] | None:
-        """The plan of the unit that collection order puts after ``plan``."""
-        last = self._position(plan[-1])
-        items = plan[-1].session.items
-        if last is None or last + 1 >= len(items):
+    def gaps_in(self, plan: list[pytest.Item]) -> frozenset[int]:
+        positions = [self._position(item) for item in plan]
+        return frozenset(
+            i
+            for i in range(1, len(plan))
+            if positions[i] is None or positions[i] != (positions[i - 1] or 0) + 1
+        )
+
+    def _expected_next_plan(self, item: pytest.Item) -> list[pytest.Item] | None:
+        """The plan of the next unit, in collection order, that no worker
+        already running or parked will take."""
+        start = self._position(item)
+        items = item.session.items
+        if start is None:
             return None
-        first = items[last + 1]
-        after = items[last + 2] if last + 2 < len(items) else None
-        return self.plan_for(first, after)
+        taken: set[int] = set()
+        for proc in (self.current, self.parked):
+            if proc is not None:
+                taken |= proc.remaining()
+        following = start + 1
+        while following < len(items) and id(items[following]) in taken:
+            following += 1
+        if following >= len(items):
+            return None
+        after = items[following + 1] if following + 1 < len(items) else None
+        return self.plan_for(items[following], after)
 
     # -- hooks -----------------------------------------------------------
 
@@ -316,10 +352,10 @@ class Controller:
                 terminalreporter.write_line(f"memory report ({what}): {path}")
 
     def shutdown(self) -> None:
-        for proc in (self.current, self.standby):
+        for proc in (self.current, self.parked, self.standby):
             if proc is not None:
                 self._retire(proc)
-        self.current = self.standby = None
+        self.current = self.parked = self.standby = None
         for proc in self.ending:
             if not proc.exited:
                 proc._reap()
@@ -328,25 +364,38 @@ class Controller:
     # -- workers ---------------------------------------------------------
 
     def _worker_for(self, item: pytest.Item, nextitem: pytest.Item | None) -> WorkerProcess:
-        """The worker that runs ``item``: the current one, the standby, or a new one."""
+        """The worker that runs ``item``: the current one, the parked one,
+        the standby, or a new one."""
+        testsfailed = item.session.testsfailed
         proc = self.current
         if proc is not None:
             if proc.expects(item):
+                if proc.pos in proc.gaps:
+                    proc.go(testsfailed)
                 return proc
-            self._retire(proc)
             self.current = None
-        plan = self.plan_for(item, nextitem)
-        proc, self.standby = self.standby, None
-        if proc is None or proc.plan != plan or proc.exited:
-            if proc is not None:
+            if proc.at_gap:
+                if self.parked is not None:
+                    self._retire(self.parked)
+                self.parked = proc
+            else:
                 self._retire(proc)
-            proc = self._spawn(plan)
-        proc.go(item.session.testsfailed)
+        if self.parked is not None and self.parked.expects(item):
+            proc, self.parked = self.parked, None
+        else:
+            plan = self.plan_for(item, nextitem)
+            proc, self.standby = self.standby, None
+            if proc is None or proc.plan != plan or proc.exited:
+                if proc is not None:
+                    self._retire(proc)
+                proc = self._spawn(plan)
+        proc.go(testsfailed)
         self.current = proc
         self._reap_ended()
-        expected = self._expected_next_plan(plan)
-        if expected is not None:
-            self.standby = self._spawn(expected)
+        if self.standby is None:
+            expected = self._expected_next_plan(item)
+            if expected is not None:
+                self.standby = self._spawn(expected)
         return proc
 
     def _retire(self, proc: WorkerProcess, reason: str = "stopped") -> None:
@@ -379,17 +428,20 @@ class Controller:
         go_read, go_write = os.pipe()
         fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
         limits = self.limits_for(label, plan)
+        gaps = self.gaps_in(plan)
         pid = os.fork()
         if pid == 0:
             os.close(go_write)
-            self._become_worker(read_fd, write_fd, go_read, fault_fd, plan, limits)
+            self._become_worker(read_fd, write_fd, go_read, fault_fd, plan, gaps, limits)
         os.close(write_fd)
         os.close(go_read)
         # Also done in the worker; whichever runs first wins the race with a
         # kill of the group.
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
-        return WorkerProcess(label, pid, read_fd, go_write, fault_fd, plan)
+        proc = WorkerProcess(label, pid, read_fd, go_write, fault_fd, plan)
+        proc.gaps = gaps
+        return proc
 
     def _become_worker(
         self,
@@ -398,6 +450,7 @@ class Controller:
         go_fd: int,
         fault_fd: int,
         plan: list[pytest.Item],
+        gaps: frozenset[int],
         limits: worker.Limits,
     ) -> None:
         sender = Sender(write_fd)
@@ -411,7 +464,7 @@ class Controller:
             if os.getppid() != self._parent_pid:
                 os._exit(1)  # the parent died before we could ask to follow it
             # Other workers' pipes: holding them would hide those workers' end.
-            for other in (self.current, self.standby, *self.ending):
+            for other in (self.current, self.parked, self.standby, *self.ending):
                 if other is not None:
                     for fd in (other.receiver.fd, other.go_fd):
                         if fd >= 0:
@@ -419,7 +472,8 @@ class Controller:
                                 os.close(fd)
             faulthandler.enable(file=fault_fd, all_threads=True)
             worker.prepare(self.config, self.plugin, sender)
-            if not worker.wait_for_go(go_fd, session):
+            start_line = worker.StartLine(go_fd, session)
+            if not start_line.wait():
                 os._exit(0)
             self.plugin.start(limits)
         except BaseException:
@@ -428,7 +482,7 @@ class Controller:
             sender.send("internal", traceback.format_exc())
             sender.flush()
             os._exit(70)
-        worker.run_plan(plan, self.plugin, sender)
+        worker.run_plan(plan, gaps, start_line, self.plugin, sender)
 
     def _finish(self, proc: WorkerProcess) -> None:
         """Let a worker whose unit is over say goodbye, then end it.

@@ -44,6 +44,11 @@ class Probe:
         except OSError:
             self._clear_refs = None
 
+    def close(self) -> None:
+        os.close(self._statm)
+        if self._clear_refs is not None:
+            os.close(self._clear_refs)
+
     def sample(self) -> Sample:
         fields = os.pread(self._statm, 128, 0).split()
         return Sample(rss_bytes=int(fields[1]) * _PAGE, vm_bytes=int(fields[0]) * _PAGE)
@@ -86,3 +91,34 @@ def limit_malloc_arenas(count: int = 2) -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).mallopt(_M_ARENA_MAX, count)
+
+
+class MemoryMonitor:
+    """What the ``memory_monitor`` fixture gives a test: its own memory figures.
+
+    Figures are RSS, relative to the moment the fixture was set up, so they
+    mean the same with or without isolation.
+    """
+
+    def __init__(self) -> None:
+        self._probe = Probe()
+        self._probe.reset_peak()
+        self.start_bytes = self._probe.sample().rss_bytes
+
+    @property
+    def current_bytes(self) -> int:
+        """RSS now."""
+        return self._probe.sample().rss_bytes
+
+    @property
+    def growth_bytes(self) -> int:
+        """RSS now, less RSS when the test started."""
+        return self.current_bytes - self.start_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """Highest RSS since the test started, less RSS when it started."""
+        return max(self._probe.peak_rss_bytes(), self.current_bytes) - self.start_bytes
+
+    def close(self) -> None:
+        self._probe.close()

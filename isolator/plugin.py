@@ -6,9 +6,12 @@ With isolation off (the default) this module registers nothing else, so
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from isolator.controller import Controller
+from isolator.memory import MemoryMonitor
 from isolator.settings import add_options, load_settings
 from isolator.worker import WorkerPlugin
 
@@ -36,3 +39,12 @@ def pytest_configure(config: pytest.Config) -> None:
     controller = Controller(config, settings, plugin)
     config.stash[controller_key] = controller
     config.pluginmanager.register(controller, "isolator-controller")
+
+
+@pytest.fixture
+def memory_monitor() -> Iterator[MemoryMonitor]:
+    """This test's memory: ``current_bytes``, ``growth_bytes`` and ``peak_bytes``
+    (RSS, relative to the test's start), for tests that assert on memory."""
+    monitor = MemoryMonitor()
+    yield monitor
+    monitor.close()

@@ -179,11 +179,12 @@ class WorkerPlugin:
         ceiling = self.limits.ceiling_bytes
         if not isinstance(error, MemoryError) or ceiling is None or self.probe is None:
             return
-        in_use = self.probe.sample().vm_bytes - self.base.vm_bytes
-        detail = f": {error.args[0]}" if error.args and error.args[0] else ""
+        left = max(ceiling - (self.probe.sample().vm_bytes - self.base.vm_bytes), 0)
+        detail = f" ({error.args[0]})" if error.args and error.args[0] else ""
         error.args = (
-            f"worker {self.limits.label} is limited to {format_size(ceiling)} (RLIMIT_AS); "
-            f"{item.name} ran out with {format_size(in_use)} of it in use{detail}",
+            f"worker {self.limits.label} is limited to {format_size(ceiling)} (RLIMIT_AS) and "
+            f"{item.name} asked for more than the {format_size(left)} left{detail}; raise the "
+            "limit with --worker-mem or @pytest.mark.isolate(mem=...)",
         )
         self.recycle_reason = "ceiling hit"
 
@@ -307,31 +308,48 @@ def prepare(config: pytest.Config, plugin: WorkerPlugin, sender: Sender) -> None
     plugin.live = True
 
 
-def wait_for_go(go_fd: int, session: pytest.Session) -> bool:
-    """Block until the parent says this worker's unit starts; False if the
-    parent closed the pipe instead (the worker was forked in advance and is
-    not needed)."""
-    receiver = Receiver(go_fd)
-    while True:
-        message = receiver.pop()
-        if message is not None:
-            break
-        if not receiver.fill():
-            return False
-    _, testsfailed = message
-    # Failures counted by the parent since this worker was forked, so that
-    # --maxfail stops here exactly where it stops there.
-    session.testsfailed = testsfailed
-    os.close(go_fd)
-    return True
+class StartLine:
+    """Where a worker waits for the parent's word: before its unit starts,
+    and at each gap in its plan while other workers run the tests between."""
+
+    def __init__(self, go_fd: int, session: pytest.Session) -> None:
+        self.receiver = Receiver(go_fd)
+        self.session = session
+
+    def wait(self) -> bool:
+        """Block until the parent says go; False if it closed the pipe
+        instead (this worker is not needed any more)."""
+        while True:
+            message = self.receiver.pop()
+            if message is not None:
+                break
+            if not self.receiver.fill():
+                return False
+        _, testsfailed = message
+        # Failures counted by the parent since this worker last heard from
+        # it, so that --maxfail stops here exactly where it stops there.
+        self.session.testsfailed = testsfailed
+        return True
 
 
-def run_plan(plan: list[pytest.Item], plugin: WorkerPlugin, sender: Sender) -> NoReturn:
+def run_plan(
+    plan: list[pytest.Item],
+    gaps: frozenset[int],
+    start_line: StartLine,
+    plugin: WorkerPlugin,
+    sender: Sender,
+) -> NoReturn:
     """Run the plan's items in order, report, and leave the process."""
     code = 0
     session = plan[0].session
     try:
         for index, item in enumerate(plan):
+            if index in gaps:
+                sender.flush()
+                if not start_line.wait():
+                    break
+                if session.shouldfail or session.shouldstop:
+                    break
             nextitem = plan[index + 1] if index + 1 < len(plan) else None
             item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
             if session.shouldfail or session.shouldstop or plugin.recycle_reason:

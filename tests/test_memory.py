@@ -1,0 +1,383 @@
+"""--worker-mem: the ceiling, the budget, recycling, memory-aware modes and the stats."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import IsolatedRunner
+
+MB = 1000**2
+
+LEAKY = """
+    import pytest
+
+    CACHE = []
+
+    @pytest.mark.parametrize("n", range(30))
+    def test_leaks_24mb(n):
+        # A cache that only grows, and touches what it keeps.
+        CACHE.append(b"\\x01" * (24 * 1024 * 1024))
+"""
+
+
+def _report(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def test_leaky_module_passes_whole_with_recycles_and_no_worker_over_budget(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(test_leaky=LEAKY)
+    report_path = pytester.path / "memory.json"
+    result = isolated.run("module", "--worker-mem=256MB", f"--isolate-report={report_path}")
+    result.assert_outcomes(passed=30)
+    result.stdout.fnmatch_lines(
+        [
+            "*= isolator: memory =*",
+            "*recycled: over budget: * own memory + * for the next test > 256MB",
+            "* workers, * recycled, 0 crashed; largest peak *",
+        ]
+    )
+    report = _report(report_path)
+    assert report["summary"]["recycled"] >= 2
+    assert report["summary"]["tests"] == 30
+    for worker in report["workers"]:
+        assert worker["peak_bytes"] <= 256 * MB, worker
+    # Without a budget the same module keeps all 720 MB in one process.
+    unbounded = pytester.path / "unbounded.json"
+    isolated.run("module", f"--isolate-report={unbounded}").assert_outcomes(passed=30)
+    assert _report(unbounded)["summary"]["largest_peak_bytes"] > 700 * MB
+
+
+def test_hog_fails_with_the_limit_named_and_its_neighbours_pass(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_hog="""
+            def test_small_before():
+                assert sum(range(1000)) > 0
+
+            def test_hog():
+                data = b"x" * (3 * 1024**3)
+                assert data
+
+            def test_small_after():
+                assert len(b"y" * 1024) == 1024
+        """
+    )
+    result = isolated.run("module", "--worker-mem=512MB", "-v")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_small_before PASSED*",
+            "*test_hog FAILED*",
+            "*test_small_after PASSED*",
+            "E * MemoryError: worker w* is limited to 512MB (RLIMIT_AS) and test_hog asked for "
+            "more than the 5*MB left; raise the limit with --worker-mem or "
+            "@pytest.mark.isolate(mem=...)",
+            "*ceiling hit*",
+        ]
+    )
+
+
+def test_sixteen_threads_with_small_allocations_fit_under_256mb(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_threads="""
+            import threading
+
+            def work(results, index):
+                # Small allocations from each thread: enough for glibc to
+                # want an arena per thread.
+                chunks = [bytes(200) for _ in range(2000)]
+                results[index] = len(chunks)
+
+            def test_sixteen_threads():
+                results = [0] * 16
+                threads = [threading.Thread(target=work, args=(results, i)) for i in range(16)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                assert results == [2000] * 16
+        """
+    )
+    isolated.run("test", "--worker-mem=256MB").assert_outcomes(passed=1)
+
+
+PIDS = """
+    import os, pathlib, pytest
+
+    def record(name):
+        with open(os.environ["PIDS_FILE"], "a") as f:
+            f.write(f"{name} {os.getpid()}\\n")
+
+    def test_plain_1():
+        record("plain_1")
+
+    @pytest.mark.isolate
+    def test_marked():
+        record("marked")
+
+    @pytest.mark.memory_intensive
+    def test_heavy():
+        record("heavy")
+
+    def test_plain_2():
+        record("plain_2")
+"""
+
+
+def test_marked_mode_gives_marked_tests_a_worker_of_their_own(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(
+        test_marks=PIDS,
+        test_more="from test_marks import record\n\ndef test_other():\n    record('other')\n",
+    )
+    pytester.syspathinsert()
+    pytester.makeini(
+        "[pytest]\nisolate_markers = memory_intensive\nmarkers = memory_intensive: heavy\n"
+    )
+    pids_file = pytester.path / "pids.txt"
+    monkeypatch.setenv("PIDS_FILE", str(pids_file))
+    isolated.run("marked", "--worker-mem=1GB").assert_outcomes(passed=5)
+    pids = dict(line.split() for line in pids_file.read_text().splitlines())
+    # The unmarked tests share one worker, across the marked ones between
+    # them and across modules; each marked test has one of its own.
+    assert pids["plain_1"] == pids["plain_2"] == pids["other"]
+    assert len({pids["plain_1"], pids["marked"], pids["heavy"]}) == 3
+
+
+def test_shared_mode_runs_everything_in_workers_recycled_on_budget(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(test_leaky_a=LEAKY, test_leaky_b=LEAKY)
+    report_path = pytester.path / "memory.json"
+    result = isolated.run("shared", "--worker-mem=300MB", f"--isolate-report={report_path}")
+    result.assert_outcomes(passed=60)
+    report = _report(report_path)
+    # 60 tests of 24 MB under 300 MB: a handful of workers, never one per test
+    # or per module, and none over budget.
+    assert 4 <= report["summary"]["workers"] <= 10
+    assert all(worker["peak_bytes"] <= 300 * MB for worker in report["workers"])
+
+
+def test_shared_mode_needs_a_budget(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_x="def test_x(): pass\n")
+    result = pytester.runpytest("-p", "isolator", "--isolate=shared")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: isolator: --isolate=shared * needs --worker-mem=SIZE *"])
+
+
+def test_marker_mem_gives_a_test_its_own_budget(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_own="""
+            import pytest
+
+            @pytest.mark.isolate(mem="2GB")
+            def test_needs_more():
+                data = b"x" * (700 * 1024**2)
+                assert data
+
+            def test_small():
+                data = b"x" * (700 * 1024**2)
+                assert data
+        """
+    )
+    result = isolated.run("module", "--worker-mem=300MB")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*MemoryError: worker w* is limited to 300MB*test_small*"])
+
+
+GROWING = """
+    import pytest
+
+    KEEP = []
+
+    def test_keeps_60mb():
+        KEEP.append(b"x" * (60 * 1024 * 1024))
+
+    def test_keeps_little():
+        KEEP.append(b"x" * 1024)
+
+    @pytest.mark.isolate(max_growth="100MB")
+    def test_allowed_more():
+        KEEP.append(b"x" * (60 * 1024 * 1024))
+"""
+
+
+@pytest.mark.parametrize("source", ["option", "ini"])
+def test_growth_limit_fails_a_test_that_keeps_too_much(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, source: str
+) -> None:
+    pytester.makepyfile(test_growing=GROWING)
+    if source == "ini":
+        pytester.makeini("[pytest]\nmem_growth_limit = 50MB\n")
+        result = isolated.run("module")
+    else:
+        result = isolated.run("module", "--mem-growth-limit=50MB")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_keeps_60mb*",
+            "E   *LeakError: test_keeps_60mb retained 6*MB of memory after its teardown "
+            "(limit 50MB, RSS growth in worker w*)",
+        ]
+    )
+
+
+def test_memory_monitor_fixture(pytester: pytest.Pytester, isolated: IsolatedRunner) -> None:
+    pytester.makepyfile(
+        test_monitor="""
+            def test_sees_its_own_growth(memory_monitor):
+                before = memory_monitor.growth_bytes
+                data = b"x" * (50 * 1024 * 1024)
+                assert memory_monitor.growth_bytes - before >= 50 * 1024 * 1024
+                assert memory_monitor.peak_bytes >= memory_monitor.growth_bytes
+                assert memory_monitor.current_bytes > 50 * 1024 * 1024
+                del data
+        """
+    )
+    isolated.run("test").assert_outcomes(passed=1)
+    isolated.plain().assert_outcomes(passed=1)
+
+
+def test_json_report_schema(pytester: pytest.Pytester, isolated: IsolatedRunner) -> None:
+    pytester.makepyfile(test_leaky=LEAKY)
+    report_path = pytester.path / "memory.json"
+    result = isolated.run("module", "--worker-mem=200MB", f"--isolate-report={report_path}")
+    result.stdout.fnmatch_lines([f"memory report (JSON): {report_path}"])
+    report = _report(report_path)
+    assert report["schema_version"] == 1
+    assert report["measure"].startswith("RSS growth over the worker's start")
+    assert report["settings"] == {
+        "mode": "module",
+        "budget_bytes": 200 * MB,
+        "ceiling_bytes": 200 * MB,
+        "growth_limit_bytes": None,
+    }
+    assert set(report["summary"]) == {
+        "workers",
+        "tests",
+        "recycled",
+        "crashed",
+        "largest_peak_bytes",
+        "largest_peak_worker",
+    }
+    worker = report["workers"][0]
+    assert set(worker) == {
+        "label",
+        "node",
+        "pid",
+        "started_s",
+        "start_rss_bytes",
+        "ended_s",
+        "peak_bytes",
+        "end_bytes",
+        "tests",
+        "ended",
+        "samples",
+    }
+    assert worker["node"] == "main"
+    assert worker["ended"].startswith("recycled: over budget")
+    test = report["tests"][0]
+    assert set(test) == {"nodeid", "worker", "peak_bytes", "growth_bytes", "at_s"}
+    assert test["nodeid"] == "test_leaky.py::test_leaks_24mb[0]"
+    assert 24 * 1024**2 <= test["growth_bytes"] < 30 * 1024**2
+
+
+@pytest.mark.parametrize("bad", ["lots", "-5MB", "12XB", "0"])
+def test_bad_sizes_are_usage_errors(pytester: pytest.Pytester, bad: str) -> None:
+    pytester.makepyfile(test_x="def test_x(): pass\n")
+    result = pytester.runpytest("-p", "isolator", "--isolate=module", f"--worker-mem={bad}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: isolator: --worker-mem: '{bad}' *"])
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_bad_marker_argument_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_x="""
+            import pytest
+
+            @pytest.mark.isolate(memory="1GB")
+            def test_x():
+                pass
+        """
+    )
+    result = pytester.runpytest("-p", "isolator", "--isolate=marked", "--worker-mem=1GB")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: isolator: @pytest.mark.isolate on test_x.py::test_x: unknown argument 'memory'*"]
+    )
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_html_picture_draws_each_worker_and_renders(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, tmp_path: Path
+) -> None:
+    pytester.makepyfile(
+        test_leaky=LEAKY,
+        test_crash="import os\n\ndef test_dies():\n    os._exit(9)\n",
+    )
+    page = pytester.path / "memory.html"
+    result = isolated.run("module", "--worker-mem=256MB", f"--isolate-html={page}")
+    result.stdout.fnmatch_lines([f"memory report (HTML): {page}"])
+    text = page.read_text()
+    svg_start = text.index("<svg")
+    svg = ET.fromstring(text[svg_start : text.index("</svg>") + len("</svg>")])
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = svg.findall(f"{ns}polyline")
+    recycles = [c for c in svg.findall(f"{ns}circle") if c.get("class") == "recycle"]
+    crashes = [p for p in svg.findall(f"{ns}path") if p.get("class") == "crash"]
+    budget = [line for line in svg.findall(f"{ns}line") if line.get("class") == "budget"]
+    assert len(lines) >= 4  # the crashing module's worker and at least three leaky ones
+    assert len(recycles) >= 2
+    assert len(crashes) == 1
+    assert len(budget) == 1
+
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs it")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1100,800",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    png = shot.read_bytes()
+    assert png.startswith(b"\x89PNG")
+    # A blank page compresses to a few kB; lines, labels and text do not.
+    assert len(png) > 20_000
