@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import faulthandler
 import gc
 import os
@@ -35,10 +36,15 @@ from pluggy import HookRelay
 
 from isolator import compat, faults, worker
 from isolator.settings import Overrides, Settings, overrides_key, read_marker
+from isolator.sizes import format_size
 from isolator.stats import RunMemory
 from isolator.wire import Message, Receiver, Sender
 
 _PR_SET_PDEATHSIG = 1
+#: Workers in a row that may die before starting a test before the run stops.
+_STILLBORN_LIMIT = 3
+#: How long an interrupted worker gets to tear down before it is killed.
+_INTERRUPT_GRACE_S = 5.0
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -75,6 +81,8 @@ class WorkerProcess:
         self.fault_stacks = ""
         #: Why the worker said it leaves early (recycled), if it did.
         self.leave_reason: str | None = None
+        #: The last test whose reports were replayed.
+        self.last_nodeid = ""
         self.receiver = Receiver(read_fd)
         self.go_fd = go_fd
         self.fault_fd = fault_fd
@@ -176,6 +184,26 @@ class WorkerProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
 
+    def wait_exit(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the worker to end; True if it did."""
+        if self.exited:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while not self.exited:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            for key, _ in self.selector.select(left):
+                if key.data == "pipe":
+                    if not self.receiver.fill():
+                        self.selector.unregister(key.fd)
+                else:
+                    self._reap()
+        return True
+
+    def current_nodeid(self) -> str:
+        return self.plan[self.pos].nodeid if self.pos < len(self.plan) else "(between tests)"
+
     def stop(self) -> None:
         """End the worker and everything it started, without waiting for it."""
         if not self.exited:
@@ -212,7 +240,14 @@ class Controller:
         self.ending: list[WorkerProcess] = []
         #: True in a forked worker, where this plugin must step aside.
         self.in_worker = False
+        #: The run was interrupted (Ctrl-C, SIGTERM).
+        self.interrupted = False
         self._positions: dict[int, int] | None = None
+        #: (worker, last test, thread names) for units that ended with
+        #: non-daemon threads still running.
+        self.lingering: list[tuple[str, str, list[str]]] = []
+        #: Workers in a row that died before they started a test.
+        self._stillborn = 0
         self._spawned = 0
         self._parent_pid = os.getpid()
         self._prctl = _load_prctl()
@@ -238,7 +273,9 @@ class Controller:
             own = plan[0].stash.get(overrides_key, Overrides()).budget_bytes
             if own is not None:
                 budget = ceiling = own
-        return worker.Limits(label, budget, ceiling, settings.growth_limit_bytes)
+        return worker.Limits(
+            label, budget, ceiling, settings.growth_limit_bytes, settings.timeout_s
+        )
 
     def _position(self, item: pytest.Item) -> int | None:
         if self._positions is None:
@@ -341,6 +378,13 @@ class Controller:
         return (yield)
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.lingering:
+            terminalreporter.write_sep("=", "isolator: threads left running")
+            for label, nodeid, names in self.lingering:
+                terminalreporter.write_line(
+                    f"worker {label} ended its unit (last test {nodeid}) with non-daemon "
+                    f"threads still running: {', '.join(names)}"
+                )
         lines = self.memory.summary_lines(self.settings.top)
         if not lines:
             return
@@ -351,7 +395,13 @@ class Controller:
             if path:
                 terminalreporter.write_line(f"memory report ({what}): {path}")
 
+    @pytest.hookimpl
+    def pytest_keyboard_interrupt(self) -> None:
+        self.interrupted = True
+
     def shutdown(self) -> None:
+        if self.interrupted and self.current is not None and self.current.started:
+            self._interrupt(self.current)
         for proc in (self.current, self.parked, self.standby):
             if proc is not None:
                 self._retire(proc)
@@ -398,6 +448,19 @@ class Controller:
                 self.standby = self._spawn(expected)
         return proc
 
+    def _interrupt(self, proc: WorkerProcess) -> None:
+        """Stop a running worker as Ctrl-C stops pytest: KeyboardInterrupt in
+        the test, fixtures torn down; killed if it does not end in time."""
+        if proc.exited:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGINT)
+        if not proc.wait_exit(_INTERRUPT_GRACE_S):
+            sys.stderr.write(
+                f"isolator: worker {proc.label} (PID {proc.pid}) ignored SIGINT for "
+                f"{_INTERRUPT_GRACE_S:g}s while running {proc.current_nodeid()}; killing it\n"
+            )
+
     def _retire(self, proc: WorkerProcess, reason: str = "stopped") -> None:
         if proc.started:
             if proc.exited and proc.wait_status is not None and not proc.done:
@@ -427,7 +490,7 @@ class Controller:
         read_fd, write_fd = os.pipe()
         go_read, go_write = os.pipe()
         fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
-        limits = self.limits_for(label, plan)
+        limits = dataclasses.replace(self.limits_for(label, plan), fault_fd=fault_fd)
         gaps = self.gaps_in(plan)
         pid = os.fork()
         if pid == 0:
@@ -457,6 +520,9 @@ class Controller:
         session = plan[0].session
         try:
             self.in_worker = True
+            # A test that signals its own worker should end that worker only,
+            # not (through the parent's handler) the whole run.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.close(read_fd)
             os.setpgid(0, 0)
             if self._prctl is not None:
@@ -526,6 +592,7 @@ class Controller:
                 ihook.pytest_runtest_logstart(nodeid=message[1], location=message[2])
             elif kind == "logfinish":
                 proc.pos += 1
+                proc.last_nodeid = message[1]
                 self.memory.test_done(proc.label, message[1], message[3])
                 ihook.pytest_runtest_logfinish(nodeid=message[1], location=message[2])
                 return True
@@ -542,6 +609,8 @@ class Controller:
             self.memory.worker_started(proc.label, proc.pid, message[1], message[2])
         elif kind == "done":
             proc.done = True
+            if message[2]:
+                self.lingering.append((proc.label, proc.last_nodeid, message[2]))
             if message[1]:
                 proc.leave_reason = (
                     message[1] if message[1] == "ceiling hit" else f"recycled: {message[1]}"
@@ -587,17 +656,58 @@ class Controller:
             kwargs={"warning_message": record, "when": when, "nodeid": nodeid, "location": location}
         )
 
+    def _captured_by_lost_worker(self) -> list[tuple[str, str]]:
+        """What a dead worker's test had written to the capture files.
+
+        Workers capture into the parent's own capture files, so what a dead
+        one left there is read here, both to show it and so that it does not
+        turn up in the next worker's first test."""
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        if capman is None or not capman.is_globally_capturing():
+            return []
+        try:
+            out, err = capman.read_global_capture()
+        except Exception:
+            return []
+        tail = 10_000
+        return [
+            (f"Captured {name}", text[-tail:])
+            for name, text in (("stdout", out), ("stderr", err))
+            if text
+        ]
+
     def _report_lost(
         self, proc: WorkerProcess, item: pytest.Item, started: bool, outcomes: dict[str, str]
     ) -> None:
         """The worker died while running ``item``: fail the phase it was in."""
         ihook = item.ihook
-        cause = (
-            f"worker {proc.label} (PID {proc.pid}) {faults.describe_status(proc.wait_status)} "
-            f"while running {item.nodeid}"
-        )
+        stacks = proc.fault_stacks
+        timeout = item.stash.get(overrides_key, Overrides()).timeout_s or self.settings.timeout_s
+        if timeout and stacks.startswith("Timeout ("):
+            how = f"timed out after {timeout:g}s and was killed"
+        else:
+            how = faults.describe_status(proc.wait_status)
+        cause = f"worker {proc.label} (PID {proc.pid}) {how} while running {item.nodeid}"
+        hint = ""
+        if faults.killed_by(proc.wait_status) == signal.SIGKILL:
+            worker_memory = self.memory.workers.get(proc.label)
+            if worker_memory is not None:
+                hint = (
+                    "\nSIGKILL from outside is often the kernel's OOM killer; the worker's "
+                    f"last measured memory was {format_size(worker_memory.end_bytes)} "
+                    f"(peak {format_size(worker_memory.peak_bytes)}) over its start"
+                )
+        sections = self._captured_by_lost_worker()
         if not started:
             ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+            self._stillborn += 1
+            if self._stillborn >= _STILLBORN_LIMIT:
+                item.session.shouldstop = (
+                    f"isolator: {self._stillborn} workers in a row died before starting a test "
+                    f"(the last {how}); stopping instead of starting more"
+                )
+        else:
+            self._stillborn = 0
         phase: faults.Phase | None
         if "setup" not in outcomes:
             phase = "setup"
@@ -608,11 +718,12 @@ class Controller:
         else:
             phase = None
         if phase is not None:
-            longrepr = f"{cause} ({phase})"
-            stacks = proc.fault_stacks
+            longrepr = f"{cause} ({phase}){hint}"
             if stacks:
                 longrepr += f"\n\n{stacks}"
-            report = faults.stand_in_report(item, phase, longrepr)
+            report = faults.stand_in_report(
+                item, phase, longrepr, [(f"{name} {phase}", text) for name, text in sections]
+            )
             ihook.pytest_runtest_logreport(report=report)
             if phase != "teardown":
                 ihook.pytest_runtest_logreport(

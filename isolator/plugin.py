@@ -6,6 +6,7 @@ With isolation off (the default) this module registers nothing else, so
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -19,7 +20,23 @@ controller_key = pytest.StashKey[Controller]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    add_options(parser)
+    try:
+        add_options(parser)
+    except ValueError as exc:
+        # argparse-level clash, typically pytest-isolate's own --isolate.
+        raise pytest.UsageError(
+            f"isolator: cannot add its options ({exc}); another installed plugin, likely "
+            "pytest-isolate, defines them too: uninstall it, or disable one of the two with "
+            "-p no:isolate or -p no:isolator"
+        ) from None
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _restore_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.hookimpl(trylast=True)
@@ -39,6 +56,11 @@ def pytest_configure(config: pytest.Config) -> None:
     controller = Controller(config, settings, plugin)
     config.stash[controller_key] = controller
     config.pluginmanager.register(controller, "isolator-controller")
+    # SIGTERM ends the run the way Ctrl-C does, so that workers are stopped
+    # and what finished is reported; left alone if someone else handles it.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        config.add_cleanup(_restore_sigterm)
 
 
 @pytest.fixture

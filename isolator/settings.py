@@ -8,6 +8,7 @@ from.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Literal
 
 import pytest
@@ -161,6 +162,14 @@ def load_settings(config: pytest.Config) -> Settings:
             f"(choose from {', '.join(MODES)})"
         )
     mode: Mode = mode_text
+    if mode != "off":
+        missing = [name for name in ("fork", "pidfd_open", "memfd_create") if not hasattr(os, name)]
+        if missing:
+            raise pytest.UsageError(
+                f"isolator: {where or '--isolate'}: isolation needs Linux 5.3+ "
+                f"(os.{', os.'.join(missing)} is missing here); run without --isolate, "
+                "or use pytest-xdist for parallel runs"
+            )
 
     budget = _size(config, "worker_mem", "worker_mem", allow_none=False)
     ceiling_raw, _ = _source(config, "worker_ceiling", "worker_ceiling")

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
 import os
 import pickle
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -72,6 +74,10 @@ class Limits:
     ceiling_bytes: int | None
     #: Fail a test that retains more than this (unless its marker says otherwise).
     growth_limit_bytes: int | None
+    #: Kill the worker when one test runs longer than this (unless its marker says otherwise).
+    timeout_s: float | None = None
+    #: Where faulthandler writes stacks (a memfd the parent reads).
+    fault_fd: int = -1
 
 
 class LeakError(AssertionError):
@@ -151,6 +157,25 @@ class WorkerPlugin:
     ) -> None:
         if self.live:
             self.sender.send("warning", encode_warning(warning_message), when, nodeid, location)
+
+    # -- time ------------------------------------------------------------
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item) -> Generator[None, object, object]:
+        if not self.live:
+            return (yield)
+        overrides = item.stash.get(overrides_key, Overrides())
+        timeout = overrides.timeout_s or self.limits.timeout_s
+        if not timeout or self.limits.fault_fd < 0:
+            return (yield)
+        # faulthandler's watchdog is a C thread: it fires even when the test
+        # is stuck in C code that no Python signal handler would interrupt,
+        # writes every thread's stack where the parent reads it, and exits.
+        faulthandler.dump_traceback_later(timeout, exit=True, file=self.limits.fault_fd)
+        try:
+            return (yield)
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
     # -- memory ----------------------------------------------------------
 
@@ -356,7 +381,7 @@ def run_plan(
                 break
         # A stop decided in the last teardown's report left fixtures standing.
         session._setupstate.teardown_exact(None)
-        sender.send("done", plugin.recycle_reason)
+        sender.send("done", plugin.recycle_reason, lingering_threads())
     except pytest.exit.Exception as exc:
         _teardown_quietly(session)
         sender.send("exit", exc.msg, exc.returncode)
@@ -368,6 +393,17 @@ def run_plan(
         code = 3
     finally:
         _leave(sender, code)
+
+
+def lingering_threads() -> list[str]:
+    """Names of non-daemon threads still running: they would keep a normal
+    interpreter from exiting (this worker leaves anyway)."""
+    main = threading.main_thread()
+    return [
+        thread.name
+        for thread in threading.enumerate()
+        if thread is not main and not thread.daemon and thread.is_alive()
+    ]
 
 
 def _teardown_quietly(session: pytest.Session) -> None:
