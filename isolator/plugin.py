@@ -6,6 +6,7 @@ With isolation off (the default) this module registers nothing else, so
 
 from __future__ import annotations
 
+import argparse
 import signal
 from collections.abc import Iterator
 
@@ -22,7 +23,7 @@ controller_key = pytest.StashKey[Controller]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     try:
         add_options(parser)
-    except ValueError as exc:
+    except (ValueError, argparse.ArgumentError) as exc:
         # argparse-level clash, typically pytest-isolate's own --isolate.
         raise pytest.UsageError(
             f"isolator: cannot add its options ({exc}); another installed plugin, likely "

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from conftest import IsolatedRunner
@@ -113,3 +119,391 @@ def test_worker_that_dies_ahead_of_the_replay_loses_nothing(
             "*test_fourth PASSED*",
         ]
     )
+
+
+def test_crash_in_setup_or_teardown_is_reported_in_that_phase(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_phases="""
+            import os, sys
+            import pytest
+
+            @pytest.fixture
+            def dies_in_setup():
+                os._exit(5)
+
+            @pytest.fixture
+            def dies_in_teardown():
+                yield
+                print("about to go", flush=True)
+                sys.stderr.write("last words\\n")
+                os._exit(6)
+
+            def test_setup_crash(dies_in_setup):
+                pass
+
+            def test_teardown_crash(dies_in_teardown):
+                pass
+
+            def test_fine():
+                pass
+        """
+    )
+    xml = pytester.path / "out.xml"
+    result = isolated.run("module", "-v", f"--junitxml={xml}")
+    result.assert_outcomes(passed=2, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_setup_crash ERROR*",
+            "*test_teardown_crash PASSED*",
+            "*test_teardown_crash ERROR*",
+            "*test_fine PASSED*",
+            "*ERROR at setup of test_setup_crash*",
+            "worker w* exited with code 5 while running test_phases.py::test_setup_crash (setup)",
+            "*ERROR at teardown of test_teardown_crash*",
+            "worker w* exited with code 6 while running test_phases.py::test_teardown_crash "
+            "(teardown)",
+            "*Captured stdout teardown*",
+            "about to go",
+            "*Captured stderr teardown*",
+            "last words",
+        ]
+    )
+    assert xml.read_text().count("<testcase ") == 3
+
+
+def test_sigkill_names_the_oom_killer_and_the_last_memory(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_killed="""
+            import os, signal
+
+            KEEP = []
+
+            def test_grows():
+                KEEP.append(b"x" * (40 * 1024 * 1024))
+
+            def test_killed():
+                os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    result = isolated.run("module")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "worker w* was killed by signal 9 (SIGKILL) while running test_killed.py::test_killed "
+            "(call)",
+            "SIGKILL from outside is often the kernel's OOM killer; the worker's last measured "
+            "memory was 4*MB (peak 4*MB) over its start",
+        ]
+    )
+
+
+def test_workers_that_die_before_any_test_stop_the_run(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makeconftest(
+        """
+        import os
+        import pytest
+
+        PARENT = os.getpid()
+
+        @pytest.hookimpl(wrapper=True)
+        def pytest_runtest_protocol(item):
+            if os.getpid() != PARENT:
+                os._exit(42)  # every worker dies before its first test starts
+            return (yield)
+        """
+    )
+    pytester.makepyfile(test_many="\n".join(f"def test_{i}(): pass" for i in range(10)))
+    result = isolated.run("test")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.assert_outcomes(errors=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*isolator: 3 workers in a row died before starting a test (the last exited with "
+            "code 42); stopping instead of starting more*"
+        ]
+    )
+
+
+HANGS = """
+    import ctypes, time
+    import pytest
+
+    def test_stuck_in_c():
+        # Blocked in C: no Python signal handler runs until it returns.
+        ctypes.CDLL(None).sleep(60)
+
+    @pytest.mark.isolate(timeout=0.5)
+    def test_marker_timeout():
+        time.sleep(60)
+
+    def test_after():
+        pass
+"""
+
+
+def test_timeout_kills_a_hung_test_and_the_unit_goes_on(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(test_hangs=HANGS)
+    result = isolated.pytester.runpytest_subprocess(
+        "-p", "isolator", "--isolate=module", "--isolate-timeout=1", timeout=120
+    )
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines_random(
+        [
+            "worker w* timed out after 1s and was killed while running "
+            "test_hangs.py::test_stuck_in_c (call)",
+            "worker w* timed out after 0.5s and was killed while running "
+            "test_hangs.py::test_marker_timeout (call)",
+            "*File*test_hangs.py*, line 6 in test_stuck_in_c",
+        ]
+    )
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _wait_until_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _running(pid):
+            return True
+        time.sleep(0.01)  # polling /proc: there is no event for another process's end
+    return False
+
+
+def test_processes_a_test_leaves_behind_are_ended_with_its_worker(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_spawns="""
+            import pathlib, subprocess
+
+            def test_leaves_a_sleeper():
+                proc = subprocess.Popen(["sleep", "1000"])
+                pathlib.Path("sleeper.pid").write_text(str(proc.pid))
+        """
+    )
+    isolated.run("test").assert_outcomes(passed=1)
+    sleeper = int((pytester.path / "sleeper.pid").read_text())
+    assert _wait_until_gone(sleeper, 10)
+
+
+def test_workers_end_when_pytest_is_killed(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_blocks="""
+            import os, pathlib, time
+
+            def test_waits():
+                pathlib.Path("worker.pid").write_text(str(os.getpid()))
+                time.sleep(120)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "isolator", "--isolate=test", "-q"],
+        cwd=pytester.path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pid_file = pytester.path / "worker.pid"
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.01)
+        worker_pid = int(pid_file.read_text())
+        proc.kill()
+        proc.wait()
+        assert _wait_until_gone(worker_pid, 5)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_workers_reports_what_finished_and_tears_down(
+    pytester: pytest.Pytester, signum: int
+) -> None:
+    pytester.makepyfile(
+        test_interrupted="""
+            import os, pathlib, time
+            import pytest
+
+            @pytest.fixture(scope="module")
+            def resource():
+                yield
+                pathlib.Path("torn-down").write_text("yes")
+
+            def test_done(resource):
+                pass
+
+            def test_waits(resource):
+                pathlib.Path("worker.pid").write_text(str(os.getpid()))
+                time.sleep(120)
+
+            def test_never(resource):
+                pass
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "isolator", "--isolate=module", "-v"],
+        cwd=pytester.path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pid_file = pytester.path / "worker.pid"
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.01)
+        worker_pid = int(pid_file.read_text())
+        proc.send_signal(signum)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
+    assert "test_interrupted.py::test_done PASSED" in output
+    assert "KeyboardInterrupt" in output
+    assert "test_never" not in output
+    assert (pytester.path / "torn-down").read_text() == "yes"
+    assert _wait_until_gone(worker_pid, 5)
+
+
+def test_lingering_threads_are_named_in_the_summary(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_threads="""
+            import threading
+
+            def test_leaves_a_thread():
+                threading.Thread(target=threading.Event().wait, name="pool-refresher").start()
+        """
+    )
+    result = isolated.run("module")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*= isolator: threads left running =*",
+            "worker w1 ended its unit (last test test_threads.py::test_leaves_a_thread) with "
+            "non-daemon threads still running: pool-refresher",
+        ]
+    )
+
+
+def test_megabytes_of_output_do_not_block_the_pipe(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_loud="""
+            import sys
+
+            def test_loud():
+                for _ in range(200):
+                    print("x" * 50_000)
+                    sys.stderr.write("y" * 50_000 + "\\n")
+                assert False, "show the output"
+        """
+    )
+    xml = pytester.path / "out.xml"
+    result = isolated.pytester.runpytest_subprocess(
+        "-p",
+        "isolator",
+        "--isolate=test",
+        f"--junitxml={xml}",
+        "-o",
+        "junit_logging=all",
+        timeout=120,
+    )
+    result.assert_outcomes(failed=1)
+    assert xml.stat().st_size > 20_000_000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--isolate-timeout=-1"], "ERROR: isolator: --isolate-timeout: '-1' must be a positive *"),
+        (["--isolate-timeout=soon"], "ERROR: isolator: --isolate-timeout: 'soon' is not a *"),
+        (["--mem-top=many"], "ERROR: isolator: --mem-top: 'many' is not a count *"),
+        (["--worker-ceiling=12XB"], "ERROR: isolator: --worker-ceiling: '12XB' has an unknown *"),
+    ],
+)
+def test_bad_values_are_one_line_usage_errors(
+    pytester: pytest.Pytester, args: list[str], message: str
+) -> None:
+    pytester.makepyfile(test_x="def test_x(): pass\n")
+    result = pytester.runpytest("-p", "isolator", "--isolate=module", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_a_plugin_that_also_defines_isolate_gets_a_clear_error(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        other_isolate="""
+            def pytest_addoption(parser):
+                parser.addoption("--isolate", action="store_true")
+        """
+    )
+    pytester.makepyfile(test_x="def test_x(): pass\n")
+    pytester.syspathinsert()
+    result = pytester.runpytest("-p", "other_isolate", "-p", "isolator")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: isolator: cannot add its options (*--isolate*); another installed plugin, *"]
+    )
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_soak_2000_units_leave_no_fds_and_no_zombies(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makeconftest(
+        """
+        import os
+        import pytest
+
+        def state():
+            fds = len(os.listdir("/proc/self/fd"))
+            children = []
+            for task in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{task}/children") as f:
+                    children += f.read().split()
+            return fds, children
+
+        @pytest.hookimpl(trylast=True)
+        def pytest_collection_finish(session):
+            session.config._before = state()
+
+        def pytest_sessionfinish(session):
+            # Runs after isolator's shutdown (its sessionfinish wraps this one).
+            fds, children = state()
+            before_fds, _ = session.config._before
+            print(f"\\nSOAK fds before={before_fds} after={fds} children={children}")
+        """
+    )
+    pytester.makepyfile(test_soak="\n".join(f"def test_{i}(): pass" for i in range(2000)))
+    result = isolated.pytester.runpytest_subprocess(
+        "-p", "isolator", "--isolate=test", "-q", "-s", timeout=300
+    )
+    result.assert_outcomes(passed=2000)
+    line = next(line for line in result.outlines if "SOAK" in line)
+    line = line[line.index("SOAK") :]
+    before, after = (int(part.split("=")[1]) for part in line.split()[2:4])
+    assert after == before, line
+    assert line.endswith("children=[]"), line
