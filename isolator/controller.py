@@ -64,13 +64,15 @@ class WorkerProcess:
         read_fd: int,
         go_fd: int,
         fault_fd: int,
-        plan: list[pytest.Item],
     ) -> None:
         self.label = label
         self.pid = pid
-        self.plan = plan
+        #: The items this worker runs, once it has its orders.
+        self.plan: list[pytest.Item] = []
         #: Indices in ``plan`` before which the worker waits for the word to go on.
         self.gaps: frozenset[int] = frozenset()
+        #: More items may be fed to the worker after the plan (pytest-xdist).
+        self.open_ended = False
         #: Index in ``plan`` of the next item whose reports we expect.
         self.pos = 0
         #: The worker said it is done and is leaving.
@@ -115,24 +117,30 @@ class WorkerProcess:
             and self.plan[self.pos] is item
         )
 
-    def go(self, testsfailed: int) -> None:
-        """Tell a worker waiting at the start line, or at a gap in its plan,
-        to run on."""
+    def tell(self, *message: object) -> None:
         sender = Sender(self.go_fd)
-        sender.send("go", testsfailed)
+        sender.send(*message)
         # A worker that died while it waited is found by the replay.
         with contextlib.suppress(BrokenPipeError):
             sender.flush()
+
+    def go(self, orders: worker.Orders, plan: list[pytest.Item]) -> None:
+        """Give a waiting worker its unit."""
+        self.plan = plan
+        self.gaps = orders.gaps
+        self.open_ended = orders.open_ended
+        self.tell("go", orders)
         self.started = True
+
+    def resume(self, testsfailed: int) -> None:
+        """Let a worker waiting at a gap in its plan run on."""
+        self.tell("resume", testsfailed)
 
     @property
     def at_gap(self) -> bool:
         """The worker waits before its next item (other workers run the tests
         in between)."""
         return self.pos in self.gaps and not self.spent and not self.done
-
-    def remaining(self) -> set[int]:
-        return {id(item) for item in self.plan[self.pos :]}
 
     def next_message(self) -> Message | None:
         """The next message from the worker; None once it has exited and
@@ -242,6 +250,10 @@ class Controller:
         self.in_worker = False
         #: The run was interrupted (Ctrl-C, SIGTERM).
         self.interrupted = False
+        #: Under pytest-xdist the run order is known one item at a time, so
+        #: workers are fed their unit item by item instead of planned ahead.
+        self.feeding = hasattr(config, "workerinput")
+        self.session: pytest.Session
         self._positions: dict[int, int] | None = None
         #: (worker, last test, thread names) for units that ended with
         #: non-daemon threads still running.
@@ -313,25 +325,6 @@ class Controller:
             if positions[i] is None or positions[i] != (positions[i - 1] or 0) + 1
         )
 
-    def _expected_next_plan(self, item: pytest.Item) -> list[pytest.Item] | None:
-        """The plan of the next unit, in collection order, that no worker
-        already running or parked will take."""
-        start = self._position(item)
-        items = item.session.items
-        if start is None:
-            return None
-        taken: set[int] = set()
-        for proc in (self.current, self.parked):
-            if proc is not None:
-                taken |= proc.remaining()
-        following = start + 1
-        while following < len(items) and id(items[following]) in taken:
-            following += 1
-        if following >= len(items):
-            return None
-        after = items[following + 1] if following + 1 < len(items) else None
-        return self.plan_for(items[following], after)
-
     # -- hooks -----------------------------------------------------------
 
     @pytest.hookimpl(tryfirst=True)
@@ -354,6 +347,7 @@ class Controller:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.session = session
         # Marker arguments are checked before any test runs, so a typo is a
         # usage error and not a failure halfway through the run.
         markers = self.settings.markers
@@ -421,7 +415,8 @@ class Controller:
         if proc is not None:
             if proc.expects(item):
                 if proc.pos in proc.gaps:
-                    proc.go(testsfailed)
+                    proc.resume(testsfailed)
+                self._feed(proc, item, nextitem)
                 return proc
             self.current = None
             if proc.at_gap:
@@ -432,21 +427,44 @@ class Controller:
                 self._retire(proc)
         if self.parked is not None and self.parked.expects(item):
             proc, self.parked = self.parked, None
+            proc.resume(testsfailed)
         else:
-            plan = self.plan_for(item, nextitem)
             proc, self.standby = self.standby, None
-            if proc is None or proc.plan != plan or proc.exited:
+            if proc is None or proc.exited:
                 if proc is not None:
                     self._retire(proc)
-                proc = self._spawn(plan)
-        proc.go(testsfailed)
+                proc = self._spawn()
+            plan = [item] if self.feeding else self.plan_for(item, nextitem)
+            orders = worker.Orders(
+                plan=[self._position(it) or 0 for it in plan],
+                gaps=self.gaps_in(plan),
+                open_ended=self.feeding,
+                limits=dataclasses.replace(
+                    self.limits_for(proc.label, plan), fault_fd=proc.fault_fd
+                ),
+                testsfailed=testsfailed,
+            )
+            proc.go(orders, plan)
+        self._feed(proc, item, nextitem)
         self.current = proc
         self._reap_ended()
-        if self.standby is None:
-            expected = self._expected_next_plan(item)
-            if expected is not None:
-                self.standby = self._spawn(expected)
+        if self.standby is None and nextitem is not None:
+            self.standby = self._spawn()
         return proc
+
+    def _feed(self, proc: WorkerProcess, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+        """Under pytest-xdist the run order is known one item at a time: tell
+        the worker what follows ``item`` in its unit, or that the unit ends."""
+        if not proc.open_ended or proc.plan[-1] is not item:
+            return
+        if nextitem is not None and self.unit_key(nextitem) == self.unit_key(item):
+            position = self._position(nextitem)
+            if position is not None:
+                proc.plan.append(nextitem)
+                proc.tell("next", position)
+                return
+        proc.open_ended = False
+        proc.tell("end")
 
     def _interrupt(self, proc: WorkerProcess) -> None:
         """Stop a running worker as Ctrl-C stops pytest: KeyboardInterrupt in
@@ -478,7 +496,8 @@ class Controller:
         if self.ending:
             self.ending = [proc for proc in self.ending if not proc.try_reap()]
 
-    def _spawn(self, plan: list[pytest.Item]) -> WorkerProcess:
+    def _spawn(self) -> WorkerProcess:
+        """Fork a worker that waits for its orders."""
         self._spawned += 1
         label = f"w{self._spawned}"
         # Objects that exist now are shared with the worker page by page;
@@ -490,21 +509,17 @@ class Controller:
         read_fd, write_fd = os.pipe()
         go_read, go_write = os.pipe()
         fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
-        limits = dataclasses.replace(self.limits_for(label, plan), fault_fd=fault_fd)
-        gaps = self.gaps_in(plan)
         pid = os.fork()
         if pid == 0:
             os.close(go_write)
-            self._become_worker(read_fd, write_fd, go_read, fault_fd, plan, gaps, limits)
+            self._become_worker(read_fd, write_fd, go_read, fault_fd)
         os.close(write_fd)
         os.close(go_read)
         # Also done in the worker; whichever runs first wins the race with a
         # kill of the group.
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
-        proc = WorkerProcess(label, pid, read_fd, go_write, fault_fd, plan)
-        proc.gaps = gaps
-        return proc
+        return WorkerProcess(label, pid, read_fd, go_write, fault_fd)
 
     def _become_worker(
         self,
@@ -512,12 +527,9 @@ class Controller:
         write_fd: int,
         go_fd: int,
         fault_fd: int,
-        plan: list[pytest.Item],
-        gaps: frozenset[int],
-        limits: worker.Limits,
     ) -> None:
         sender = Sender(write_fd)
-        session = plan[0].session
+        session = self.session
         try:
             self.in_worker = True
             # A test that signals its own worker should end that worker only,
@@ -538,17 +550,18 @@ class Controller:
                                 os.close(fd)
             faulthandler.enable(file=fault_fd, all_threads=True)
             worker.prepare(self.config, self.plugin, sender)
-            start_line = worker.StartLine(go_fd, session)
-            if not start_line.wait():
+            line = worker.Line(go_fd, session)
+            orders = line.orders()
+            if orders is None:
                 os._exit(0)
-            self.plugin.start(limits)
+            self.plugin.start(orders.limits)
         except BaseException:
             import traceback
 
             sender.send("internal", traceback.format_exc())
             sender.flush()
             os._exit(70)
-        worker.run_plan(plan, gaps, start_line, self.plugin, sender)
+        worker.run_unit(orders, line, self.plugin, sender)
 
     def _finish(self, proc: WorkerProcess) -> None:
         """Let a worker whose unit is over say goodbye, then end it.

@@ -333,52 +333,90 @@ def prepare(config: pytest.Config, plugin: WorkerPlugin, sender: Sender) -> None
     plugin.live = True
 
 
-class StartLine:
-    """Where a worker waits for the parent's word: before its unit starts,
-    and at each gap in its plan while other workers run the tests between."""
+@dataclasses.dataclass(frozen=True)
+class Orders:
+    """What the parent tells a worker when its unit starts."""
 
-    def __init__(self, go_fd: int, session: pytest.Session) -> None:
-        self.receiver = Receiver(go_fd)
+    #: Positions in ``session.items`` of the unit's items, as far as known.
+    plan: list[int]
+    #: Indices in ``plan`` before which to wait for the word to go on.
+    gaps: frozenset[int]
+    #: More items may follow the plan; ask the parent before the last one.
+    open_ended: bool
+    limits: Limits
+    #: Failures the parent has counted, so that --maxfail stops here exactly
+    #: where it stops there.
+    testsfailed: int
+
+
+class Line:
+    """The pipe on which a worker hears from its parent: the orders that
+    start its unit, the word to go on at a gap in its plan, and (when the
+    run order is not known in advance, under pytest-xdist) the next item."""
+
+    def __init__(self, fd: int, session: pytest.Session) -> None:
+        self.receiver = Receiver(fd)
         self.session = session
 
-    def wait(self) -> bool:
-        """Block until the parent says go; False if it closed the pipe
-        instead (this worker is not needed any more)."""
+    def _next(self) -> tuple[Any, ...] | None:
         while True:
             message = self.receiver.pop()
             if message is not None:
-                break
+                return message
             if not self.receiver.fill():
-                return False
-        _, testsfailed = message
-        # Failures counted by the parent since this worker last heard from
-        # it, so that --maxfail stops here exactly where it stops there.
-        self.session.testsfailed = testsfailed
+                return None  # the parent closed the pipe: not needed any more
+
+    def orders(self) -> Orders | None:
+        message = self._next()
+        if message is None:
+            return None
+        orders: Orders = message[1]
+        self.session.testsfailed = orders.testsfailed
+        return orders
+
+    def resume(self) -> bool:
+        message = self._next()
+        if message is None:
+            return False
+        self.session.testsfailed = message[1]
         return True
 
+    def following(self) -> int | None:
+        """The position of the item after the current one, None if the unit ends."""
+        message = self._next()
+        if message is None or message[0] == "end":
+            return None
+        index: int = message[1]
+        return index
 
-def run_plan(
-    plan: list[pytest.Item],
-    gaps: frozenset[int],
-    start_line: StartLine,
-    plugin: WorkerPlugin,
-    sender: Sender,
-) -> NoReturn:
-    """Run the plan's items in order, report, and leave the process."""
+
+def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -> NoReturn:
+    """Run the unit's items in order, report, and leave the process."""
     code = 0
-    session = plan[0].session
+    session = line.session
+    items = session.items
+    plan = [items[index] for index in orders.plan]
+    open_ended = orders.open_ended
     try:
-        for index, item in enumerate(plan):
-            if index in gaps:
+        index = 0
+        while index < len(plan):
+            if index in orders.gaps:
                 sender.flush()
-                if not start_line.wait():
+                if not line.resume() or session.shouldfail or session.shouldstop:
                     break
-                if session.shouldfail or session.shouldstop:
-                    break
+            item = plan[index]
+            if index + 1 == len(plan) and open_ended:
+                sender.flush()
+                following = line.following()
+                if following is None:
+                    open_ended = False
+                else:
+                    plan.append(items[following])
             nextitem = plan[index + 1] if index + 1 < len(plan) else None
             item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
             if session.shouldfail or session.shouldstop or plugin.recycle_reason:
                 break
+            index += 1
         # A stop decided in the last teardown's report left fixtures standing.
         session._setupstate.teardown_exact(None)
         sender.send("done", plugin.recycle_reason, lingering_threads())
