@@ -35,6 +35,7 @@ import pytest
 from pluggy import HookRelay
 
 from isolator import compat, faults, worker
+from isolator.memory import available_bytes
 from isolator.settings import Overrides, Settings, overrides_key, read_marker
 from isolator.sizes import format_size
 from isolator.stats import RunMemory
@@ -45,6 +46,8 @@ _PR_SET_PDEATHSIG = 1
 _STILLBORN_LIMIT = 3
 #: How long an interrupted worker gets to tear down before it is killed.
 _INTERRUPT_GRACE_S = 5.0
+#: How often a unit waiting for memory looks again.
+_ADMISSION_POLL_S = 0.05
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -354,9 +357,27 @@ class Controller:
         for item in session.items:
             item.stash[overrides_key] = read_marker(item, markers)
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: object, error: object) -> None:
+        """pytest-xdist: a node finished; take in its workers' figures."""
+        output = getattr(node, "workeroutput", {})
+        data = output.get("isolator_memory")
+        if data:
+            self.memory.merge(data)
+        self.lingering.extend(
+            (f"{output.get('workerid', '?')}/{label}", nodeid, names)
+            for label, nodeid, names in output.get("isolator_lingering", [])
+        )
+
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_sessionfinish(self) -> object:
         self.shutdown()
+        workeroutput = getattr(self.config, "workeroutput", None)
+        if workeroutput is not None:
+            # An xdist node: its controller reports for all nodes.
+            workeroutput["isolator_memory"] = self.memory.to_dict()
+            workeroutput["isolator_lingering"] = self.lingering
+            return (yield)
         settings = {
             "mode": self.settings.mode,
             "budget_bytes": self.settings.budget_bytes,
@@ -444,6 +465,7 @@ class Controller:
                 ),
                 testsfailed=testsfailed,
             )
+            self._admit(orders.limits.budget_bytes)
             proc.go(orders, plan)
         self._feed(proc, item, nextitem)
         self.current = proc
@@ -451,6 +473,24 @@ class Controller:
         if self.standby is None and nextitem is not None:
             self.standby = self._spawn()
         return proc
+
+    def _admit(self, budget: int | None) -> None:
+        """Start a unit only when the machine has its budget of memory free.
+
+        Other processes (pytest-xdist's other workers, other jobs on the CI
+        box) may hold it; their units end, so waiting is usually short. After
+        ``isolate_admission_wait`` seconds the unit starts anyway: a stuck
+        run would help no one.
+        """
+        if budget is None or available_bytes() >= budget:
+            return
+        self.memory.admission_waits += 1
+        deadline = time.monotonic() + self.settings.admission_wait_s
+        while time.monotonic() < deadline:
+            # Memory freed elsewhere sends no event we could wait on.
+            time.sleep(_ADMISSION_POLL_S)
+            if available_bytes() >= budget:
+                return
 
     def _feed(self, proc: WorkerProcess, item: pytest.Item, nextitem: pytest.Item | None) -> None:
         """Under pytest-xdist the run order is known one item at a time: tell

@@ -122,3 +122,49 @@ class MemoryMonitor:
 
     def close(self) -> None:
         self._probe.close()
+
+
+#: A file holding a number of bytes to use instead of what the kernel says is
+#: available: for tests of admission, and for machines whose figure is wrong.
+AVAILABLE_OVERRIDE_ENV = "ISOLATOR_AVAILABLE_MEMORY_FILE"
+
+_CGROUP_FILES = (
+    # cgroup v2, then v1: (limit, usage)
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+    ),
+)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_bytes() -> int:
+    """Memory a new worker could use without pushing the machine into the
+    OOM killer: the kernel's MemAvailable, or less if this container's
+    cgroup limit leaves less."""
+    override = os.environ.get(AVAILABLE_OVERRIDE_ENV)
+    if override:
+        value = _read_int(override)
+        if value is not None:
+            return value
+    available = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    for limit_path, usage_path in _CGROUP_FILES:
+        limit, usage = _read_int(limit_path), _read_int(usage_path)
+        if limit is not None and usage is not None and limit < (1 << 60):
+            available = min(available, max(limit - usage, 0))
+            break
+    return available

@@ -88,6 +88,12 @@ def add_options(parser: pytest.Parser) -> None:
     parser.addini("isolate", "Default for --isolate.", default="off")
     parser.addini("mem_growth_limit", "Default for --mem-growth-limit.", default="")
     parser.addini("mem_top", "Default for --mem-top.", default="")
+    parser.addini(
+        "isolate_admission_wait",
+        "Seconds a unit waits for the machine to have its --worker-mem budget available "
+        "before it starts anyway (default 60).",
+        default="60",
+    )
     parser.addini("worker_mem", "Default for --worker-mem.", default="")
     parser.addini("worker_ceiling", "Default for --worker-ceiling.", default="")
     parser.addini("isolate_timeout", "Default for --isolate-timeout.", default="")
@@ -120,6 +126,8 @@ class Settings:
     #: Where to write the JSON report and the HTML picture.
     report_path: str | None = None
     html_path: str | None = None
+    #: How long a unit waits for its budget of memory to be free.
+    admission_wait_s: float = 60.0
 
     @property
     def enabled(self) -> bool:
@@ -213,8 +221,20 @@ def load_settings(config: pytest.Config) -> Settings:
                 f"isolator: {where}: {raw_top!r} is not a count (a whole number, 0 or more)"
             )
 
+    raw_wait = str(config.getini("isolate_admission_wait")).strip() or "60"
+    try:
+        admission_wait = float(raw_wait)
+    except ValueError:
+        admission_wait = -1.0
+    if admission_wait < 0:
+        raise pytest.UsageError(
+            f"isolator: ini option 'isolate_admission_wait': {raw_wait!r} is not a number of "
+            "seconds (0 or more)"
+        )
+
     return Settings(
         mode=mode,
+        admission_wait_s=admission_wait,
         budget_bytes=budget,
         ceiling_bytes=ceiling,
         timeout_s=timeout,

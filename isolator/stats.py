@@ -62,11 +62,16 @@ class RunMemory:
         self.node = node
         self.workers: dict[str, WorkerMemory] = {}
         self.tests: list[TestMemory] = []
+        #: Times a worker waited for the machine to have its budget available.
+        self.admission_waits = 0
 
     def worker_started(self, label: str, pid: int, start_rss: int, at: float) -> None:
         worker = WorkerMemory(label, self.node, pid, at - self.t0, start_rss)
         worker.samples.append((worker.started_s, 0))
         self.workers[label] = worker
+
+    def name(self, label: str) -> str:
+        return label if self.node == "main" else f"{self.node}/{label}"
 
     def test_done(self, label: str, nodeid: str, stats: tuple[int, int, int, float]) -> None:
         worker = self.workers.get(label)
@@ -77,7 +82,7 @@ class RunMemory:
         at_s = at - self.t0
         peak = max(peak_rss, end_rss, start_rss) - base
         growth = end_rss - start_rss
-        self.tests.append(TestMemory(nodeid, label, peak, growth, at_s))
+        self.tests.append(TestMemory(nodeid, self.name(label), peak, growth, at_s))
         worker.tests += 1
         worker.peak_bytes = max(worker.peak_bytes, peak)
         worker.end_bytes = end_rss - base
@@ -92,14 +97,22 @@ class RunMemory:
         worker.ended_s = at - self.t0
 
     def merge(self, other: dict[str, Any]) -> None:
-        """Take in the figures an xdist node sent (the dict of :meth:`to_dict`)."""
+        """Take in the figures a pytest-xdist node sent (the dict of
+        :meth:`to_dict`), on this process's clock."""
+        shift = float(other.get("t0", self.t0)) - self.t0
         for raw in other.get("workers", []):
             raw = dict(raw)
-            raw["samples"] = [tuple(s) for s in raw.get("samples", [])]
+            raw["started_s"] += shift
+            if raw.get("ended_s") is not None:
+                raw["ended_s"] += shift
+            raw["samples"] = [(t + shift, b) for t, b in raw.get("samples", [])]
             worker = WorkerMemory(**raw)
             self.workers[f"{worker.node}/{worker.label}"] = worker
         for raw in other.get("tests", []):
-            self.tests.append(TestMemory(**raw))
+            test = TestMemory(**raw)
+            test.at_s += shift
+            self.tests.append(test)
+        self.admission_waits += int(other.get("summary", {}).get("admission_waits", 0))
 
     # -- output ----------------------------------------------------------
 
@@ -112,6 +125,7 @@ class RunMemory:
         return {
             "schema_version": SCHEMA_VERSION,
             "measure": MEASURE,
+            "t0": self.t0,
             "settings": settings,
             "summary": {
                 "workers": len(self.workers),
@@ -120,6 +134,7 @@ class RunMemory:
                 "crashed": sum(w.ended.startswith("crashed") for w in self.workers.values()),
                 "largest_peak_bytes": largest.peak_bytes if largest else 0,
                 "largest_peak_worker": largest.label if largest else None,
+                "admission_waits": self.admission_waits,
             },
             "workers": [dataclasses.asdict(w) for w in self.workers.values()],
             "tests": [dataclasses.asdict(t) for t in self.tests],
@@ -135,11 +150,11 @@ class RunMemory:
             return lines
         if top and self.tests:
             lines.append(f"highest memory peaks ({MEASURE.split(' (')[0]}):")
-            lines.append(f"  {'peak':>8} {'kept':>8}  worker  test")
+            lines.append(f"  {'peak':>8} {'kept':>8}  {'worker':<8}  test")
             for test in sorted(self.tests, key=lambda t: t.peak_bytes, reverse=True)[:top]:
                 lines.append(
                     f"  {format_size(test.peak_bytes):>8} {format_size(test.growth_bytes):>8}  "
-                    f"{test.worker:<6}  {test.nodeid}"
+                    f"{test.worker:<8}  {test.nodeid}"
                 )
         shown = sorted(workers, key=lambda w: w.peak_bytes, reverse=True)[:top]
         shown += [w for w in workers if w.abnormal and w not in shown]
@@ -154,8 +169,16 @@ class RunMemory:
                 )
         largest = max(workers, key=lambda w: w.peak_bytes)
         crashed = sum(w.ended.startswith("crashed") for w in workers)
+        largest_name = (
+            largest.label if largest.node == "main" else f"{largest.node}/{largest.label}"
+        )
         lines.append(
             f"{len(workers)} workers, {len(self.recycled)} recycled, {crashed} crashed; "
-            f"largest peak {format_size(largest.peak_bytes)} ({largest.label})"
+            f"largest peak {format_size(largest.peak_bytes)} ({largest_name})"
         )
+        if self.admission_waits:
+            lines.append(
+                f"{self.admission_waits} times a worker waited for the machine to have its "
+                "budget of memory available"
+            )
         return lines
