@@ -39,6 +39,16 @@ def normalize(lines: list[str]) -> list[str]:
     ]
 
 
+@pytest.fixture(autouse=True)
+def _plain_inner_runs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs a test starts keep their test order: pytest-randomly (installed
+    for one test) would otherwise shuffle every inner run differently."""
+    if "pytester" in request.fixturenames:
+        # pytester clears PYTEST_ADDOPTS when it sets up, so set it after.
+        request.getfixturevalue("pytester")
+        monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+
+
 @pytest.fixture
 def isolated(pytester: pytest.Pytester) -> IsolatedRunner:
     return IsolatedRunner(pytester)

@@ -336,6 +336,10 @@ class Controller:
     ) -> bool | None:
         if self.in_worker:
             return None  # the worker runs the item with pytest's own protocol
+        # pytest's faulthandler_timeout armed its watchdog around this call;
+        # the test runs in the worker (where it is armed again), and in this
+        # process it would only dump, or with exit_on_timeout kill, the parent.
+        faulthandler.cancel_dump_traceback_later()
         session = item.session
         while True:
             proc = self._worker_for(item, nextitem)
@@ -356,6 +360,16 @@ class Controller:
         markers = self.settings.markers
         for item in session.items:
             item.stash[overrides_key] = read_marker(item, markers)
+
+    @pytest.hookimpl(optionalhook=True, tryfirst=True)
+    def pytest_timeout_set_timer(self) -> bool | None:
+        """pytest-timeout: time the test in the worker that runs it; a timer
+        in this process would fire in the parent, which only waits."""
+        return None if self.in_worker else True
+
+    @pytest.hookimpl(optionalhook=True, tryfirst=True)
+    def pytest_timeout_cancel_timer(self) -> bool | None:
+        return None if self.in_worker else True
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: object, error: object) -> None:
@@ -642,12 +656,17 @@ class Controller:
                 ihook.pytest_runtest_logreport(report=report)
             elif kind == "logstart":
                 started = True
+                # A plugin that runs the item again (pytest-rerunfailures)
+                # logs it again: the phases of the last attempt are what count.
+                outcomes.clear()
                 ihook.pytest_runtest_logstart(nodeid=message[1], location=message[2])
             elif kind == "logfinish":
+                outcomes["logfinish"] = "done"
+                ihook.pytest_runtest_logfinish(nodeid=message[1], location=message[2])
+            elif kind == "finished":
                 proc.pos += 1
                 proc.last_nodeid = message[1]
-                self.memory.test_done(proc.label, message[1], message[3])
-                ihook.pytest_runtest_logfinish(nodeid=message[1], location=message[2])
+                self.memory.test_done(proc.label, message[1], message[2])
                 return True
             else:
                 self._dispatch(proc, message)
@@ -783,4 +802,5 @@ class Controller:
                     report=faults.stand_in_report(item, "teardown", None)
                 )
         proc.pos += 1
-        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        if "logfinish" not in outcomes:
+            ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)

@@ -179,6 +179,12 @@ def load_settings(config: pytest.Config) -> Settings:
                 "or use pytest-xdist for parallel runs"
             )
 
+    if mode != "off" and (config.getoption("usepdb", False) or config.getoption("trace", False)):
+        raise pytest.UsageError(
+            "isolator: --pdb and --trace need the test to run in the pytest process, and "
+            "isolated tests run in forked workers; debug with --isolate=off (or -p no:isolator)"
+        )
+
     budget = _size(config, "worker_mem", "worker_mem", allow_none=False)
     ceiling_raw, _ = _source(config, "worker_ceiling", "worker_ceiling")
     if ceiling_raw is None:

@@ -108,10 +108,13 @@ class WorkerPlugin:
         self._step_vm = 0
         #: Why this worker ends early, once it knows it will.
         self.recycle_reason: str | None = None
+        #: Where to save what coverage.py measured here, if it is measuring.
+        self.coverage_file: str | None = None
 
     def start(self, limits: Limits) -> None:
         """Begin measuring, and set the ceiling; called once the unit starts."""
         self.limits = limits
+        self.coverage_file = coverage_data_file()
         self.probe = memory.Probe()
         self.base = self.probe.sample()
         if limits.ceiling_bytes is not None:
@@ -144,8 +147,7 @@ class WorkerPlugin:
     def pytest_runtest_logfinish(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
         if not self.live:
             return
-        self.sender.send("logfinish", nodeid, location, self._test_stats)
-        self.sender.flush()
+        self.sender.send("logfinish", nodeid, location)
 
     @pytest.hookimpl
     def pytest_warning_recorded(
@@ -166,16 +168,22 @@ class WorkerPlugin:
             return (yield)
         overrides = item.stash.get(overrides_key, Overrides())
         timeout = overrides.timeout_s or self.limits.timeout_s
-        if not timeout or self.limits.fault_fd < 0:
-            return (yield)
-        # faulthandler's watchdog is a C thread: it fires even when the test
-        # is stuck in C code that no Python signal handler would interrupt,
-        # writes every thread's stack where the parent reads it, and exits.
-        faulthandler.dump_traceback_later(timeout, exit=True, file=self.limits.fault_fd)
+        if timeout and self.limits.fault_fd >= 0:
+            # faulthandler's watchdog is a C thread: it fires even when the
+            # test is stuck in C code that no Python signal handler would
+            # interrupt, writes every thread's stack where the parent reads
+            # it, and exits.
+            faulthandler.dump_traceback_later(timeout, exit=True, file=self.limits.fault_fd)
         try:
             return (yield)
         finally:
-            faulthandler.cancel_dump_traceback_later()
+            if timeout:
+                faulthandler.cancel_dump_traceback_later()
+            # The item is over only now: a plugin may log it more than once
+            # (pytest-rerunfailures logs each attempt from logstart to
+            # logfinish), and its warnings are recorded after its logfinish.
+            self.sender.send("finished", item.nodeid, self._test_stats)
+            self.sender.flush()
 
     # -- memory ----------------------------------------------------------
 
@@ -419,6 +427,7 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
             index += 1
         # A stop decided in the last teardown's report left fixtures standing.
         session._setupstate.teardown_exact(None)
+        save_coverage(plugin.coverage_file)
         sender.send("done", plugin.recycle_reason, lingering_threads())
     except pytest.exit.Exception as exc:
         _teardown_quietly(session)
@@ -431,6 +440,38 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
         code = 3
     finally:
         _leave(sender, code)
+
+
+def coverage_data_file() -> str | None:
+    """The data file of the coverage.py run measuring this process, if any
+    (pytest-cov starts one in the pytest process; the fork inherited it)."""
+    coverage = sys.modules.get("coverage")
+    cov = coverage.Coverage.current() if coverage is not None else None
+    if cov is None:
+        return None
+    # Absolute now: a test may change directory before the unit ends.
+    path: str = os.path.abspath(cov.config.data_file)
+    return path
+
+
+def save_coverage(data_file: str | None) -> None:
+    """Save what coverage.py measured in this worker as a parallel data file
+    (``.coverage.<host>.<pid>.<random>``), which pytest-cov combines with
+    the others at the end of the run. The worker's data includes what the
+    parent measured before the fork; coverage data are sets of lines and
+    arcs, so counting those twice changes nothing."""
+    if data_file is None:
+        return
+    import coverage
+
+    cov = coverage.Coverage.current()
+    if cov is None:
+        return
+    cov.stop()
+    measured = cov.get_data()
+    out = coverage.CoverageData(basename=data_file, suffix=True)
+    out.update(measured)
+    out.write()
 
 
 def lingering_threads() -> list[str]:

@@ -262,6 +262,7 @@ def test_json_report_schema(pytester: pytest.Pytester, isolated: IsolatedRunner)
     result.stdout.fnmatch_lines([f"memory report (JSON): {report_path}"])
     report = _report(report_path)
     assert report["schema_version"] == 1
+    assert isinstance(report["t0"], float)
     assert report["measure"].startswith("RSS growth over the worker's start")
     assert report["settings"] == {
         "mode": "module",
@@ -276,6 +277,7 @@ def test_json_report_schema(pytester: pytest.Pytester, isolated: IsolatedRunner)
         "crashed",
         "largest_peak_bytes",
         "largest_peak_worker",
+        "admission_waits",
     }
     worker = report["workers"][0]
     assert set(worker) == {

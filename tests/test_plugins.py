@@ -1,0 +1,127 @@
+"""Other plugins under isolation: pytest-cov, pytest-timeout, pytest-rerunfailures,
+pytest-randomly; and the debugger options, which isolation refuses."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import IsolatedRunner
+
+PACKAGE = {
+    "pkg/__init__": """
+        def used(x):
+            if x > 0:
+                return "pos"
+            return "neg"
+
+        def unused():
+            return 1
+    """,
+    "test_pos": "import pkg\n\ndef test_pos():\n    assert pkg.used(1) == 'pos'\n",
+    "test_neg": "import pkg\n\ndef test_neg():\n    assert pkg.used(-1) == 'neg'\n",
+}
+
+
+def _coverage_line(result: pytest.RunResult) -> str:
+    return next(line for line in result.outlines if line.startswith("pkg/__init__.py"))
+
+
+@pytest.mark.parametrize("extra", [[], ["-n", "2"]], ids=["single", "xdist"])
+def test_coverage_counts_what_forked_workers_ran(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, extra: list[str]
+) -> None:
+    pytester.makepyfile(**PACKAGE)
+    args = ["--cov=pkg", "--cov-report=term-missing", *extra]
+    plain = isolated.plain(*args)
+    plain.assert_outcomes(passed=2)
+    for mode in ("module", "test"):
+        result = isolated.run(mode, *args)
+        result.assert_outcomes(passed=2)
+        # Same statements, same misses (only line 7, the unused function).
+        assert re.split(r"\s+", _coverage_line(result)) == re.split(r"\s+", _coverage_line(plain))
+        assert _coverage_line(result).endswith(" 7")
+
+
+def test_pytest_timeout_fails_the_slow_test_in_its_worker(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_slow="""
+            import time
+
+            def test_slow():
+                time.sleep(30)
+
+            def test_quick():
+                pass
+        """
+    )
+    result = isolated.run("module", "-p", "timeout", "--timeout=1", "-v")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*test_slow FAILED*", "*test_quick PASSED*", "*Timeout*"])
+
+
+def test_rerunfailures_reruns_inside_the_worker(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_flaky="""
+            import pathlib
+
+            def test_flaky():
+                marker = pathlib.Path("tried")
+                if not marker.exists():
+                    marker.write_text("once")
+                    assert False, "first try fails"
+        """
+    )
+    plain = isolated.plain("-p", "rerunfailures", "--reruns=2", "-v")
+    (pytester.path / "tried").unlink()
+    result = isolated.run("test", "-p", "rerunfailures", "--reruns=2", "-v")
+    assert result.parseoutcomes() == plain.parseoutcomes() == {"passed": 1, "rerun": 1}
+    result.stdout.fnmatch_lines(["*test_flaky RERUN*", "*test_flaky PASSED*"])
+
+
+def test_randomly_orders_and_seeds_as_without_isolation(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYTEST_ADDOPTS")
+    pytester.makepyfile(
+        **{
+            f"test_r{m}": "\n".join(
+                f"import random\n\ndef test_{i}():\n    print(random.random())\n" for i in range(5)
+            )
+            for m in range(3)
+        }
+    )
+    args = ["-p", "randomly", "-v", "-rA", "-p", "no:cacheprovider", "--randomly-seed=1234"]
+    plain = isolated.plain(*args)
+    isolated_run = isolated.run("module", *args)
+
+    def order_and_numbers(result: pytest.RunResult) -> list[str]:
+        # Test order, and what random.random() gave each test (randomly
+        # reseeds at every test's setup, which now happens in the worker).
+        return [line for line in result.outlines if "PASSED" in line or line.startswith("0.")]
+
+    assert order_and_numbers(isolated_run) == order_and_numbers(plain)
+    # 15 verbose lines and 15 in the -rA summary.
+    assert len([line for line in order_and_numbers(plain) if "PASSED" in line]) == 30
+
+
+@pytest.mark.parametrize("flag", ["--pdb", "--trace"])
+def test_debugger_is_refused_with_a_clear_message(pytester: pytest.Pytester, flag: str) -> None:
+    pytester.makepyfile(test_x="def test_x(): pass\n")
+    result = pytester.runpytest("-p", "isolator", "--isolate=module", flag)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: isolator: --pdb and --trace need the test to run in *"])
+
+
+def test_capture_off_prints_straight_to_the_terminal(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(test_loud="def test_loud():\n    print('straight out')\n")
+    result = isolated.run("test", "-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*straight out*"])
