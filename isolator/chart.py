@@ -9,6 +9,7 @@ the page opens anywhere, CI artifact viewers included.
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 from isolator.sizes import format_size
@@ -23,7 +24,7 @@ def _ticks(top: float, count: int = 5) -> list[float]:
     if top <= 0:
         return [0.0]
     raw = top / count
-    magnitude = 10 ** len(str(int(raw))) / 10 if raw >= 1 else 1.0
+    magnitude = 10.0 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
     return [i * step for i in range(int(top / step) + 2) if i * step <= top * 1.0001]
 
@@ -59,7 +60,7 @@ def render_svg(memory: RunMemory, budget_bytes: int | None) -> str:
     for tick in _ticks(end_s):
         parts.append(
             f'<text x="{x(tick):.1f}" y="{_TOP + plot_h + 16}" text-anchor="middle">'
-            f"{tick:g}s</text>"
+            f"{tick:.3g}s</text>"
         )
     parts.append(
         f'<text x="{_LEFT + plot_w / 2}" y="{_HEIGHT - 10}" text-anchor="middle">'

@@ -48,6 +48,7 @@ _STILLBORN_LIMIT = 3
 _INTERRUPT_GRACE_S = 5.0
 #: How often a unit waiting for memory looks again.
 _ADMISSION_POLL_S = 0.05
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -145,16 +146,22 @@ class WorkerProcess:
         in between)."""
         return self.pos in self.gaps and not self.spent and not self.done
 
-    def next_message(self) -> Message | None:
+    def next_message(
+        self, sample_every_s: float | None = None, on_sample: Callable[[], None] | None = None
+    ) -> Message | None:
         """The next message from the worker; None once it has exited and
-        everything it wrote has been read."""
+        everything it wrote has been read. While waiting, ``on_sample`` is
+        called every ``sample_every_s`` seconds."""
         while True:
             message = self.receiver.pop()
             if message is not None:
                 return message
             if self.exited:
                 return None
-            for key, _ in self.selector.select():
+            ready = self.selector.select(sample_every_s)
+            if not ready and on_sample is not None:
+                on_sample()
+            for key, _ in ready:
                 if key.data == "pipe":
                     if not self.receiver.fill():
                         # End of file: the worker is leaving. Its exit is
@@ -478,6 +485,7 @@ class Controller:
                     self.limits_for(proc.label, plan), fault_fd=proc.fault_fd
                 ),
                 testsfailed=testsfailed,
+                gc_stats=self.settings.gc_stats,
             )
             self._admit(orders.limits.budget_bytes)
             proc.go(orders, plan)
@@ -641,7 +649,7 @@ class Controller:
         started = False
         outcomes: dict[str, str] = {}
         while True:
-            message = proc.next_message()
+            message = proc.next_message(self.settings.sample_interval_s, lambda: self._sample(proc))
             if message is None:
                 if proc.done and not started:
                     return False
@@ -677,6 +685,8 @@ class Controller:
         if kind == "warning":
             payload, when, nodeid, location = message[1:]
             self._replay_warning(self.config.hook, payload, when, nodeid, location)
+        elif kind == "gc":
+            self.memory.gc_stats(proc.label, message[1])
         elif kind == "started":
             self.memory.worker_started(proc.label, proc.pid, message[1], message[2])
         elif kind == "done":
@@ -727,6 +737,16 @@ class Controller:
         ihook.pytest_warning_recorded.call_historic(
             kwargs={"warning_message": record, "when": when, "nodeid": nodeid, "location": location}
         )
+
+    def _sample(self, proc: WorkerProcess) -> None:
+        """Between test boundaries: how much memory the running worker holds
+        now (RSS read from /proc, so it costs the worker nothing)."""
+        try:
+            with open(f"/proc/{proc.pid}/statm", "rb") as statm:
+                rss = int(statm.read().split()[1]) * _PAGE
+        except (OSError, IndexError, ValueError):
+            return
+        self.memory.sampled(proc.label, rss, time.time())
 
     def _captured_by_lost_worker(self) -> list[tuple[str, str]]:
         """What a dead worker's test had written to the capture files.

@@ -85,7 +85,24 @@ def add_options(parser: pytest.Parser) -> None:
         metavar="PATH",
         help="Write a self-contained HTML page drawing memory over time per worker to PATH.",
     )
+    group.addoption(
+        "--isolate-sample-interval",
+        dest="isolate_sample_interval",
+        default=None,
+        metavar="SECONDS",
+        help="How often the running worker's memory is sampled between test boundaries, "
+        "for the peaks and the picture (default 0.5). Ini: isolate_sample_interval.",
+    )
+    group.addoption(
+        "--isolate-gc-stats",
+        dest="isolate_gc_stats",
+        action="store_true",
+        default=False,
+        help="Show what each worker's garbage collector did (collections, collected, "
+        "uncollectable per generation).",
+    )
     parser.addini("isolate", "Default for --isolate.", default="off")
+    parser.addini("isolate_sample_interval", "Default for --isolate-sample-interval.", default="")
     parser.addini("mem_growth_limit", "Default for --mem-growth-limit.", default="")
     parser.addini("mem_top", "Default for --mem-top.", default="")
     parser.addini(
@@ -128,6 +145,10 @@ class Settings:
     html_path: str | None = None
     #: How long a unit waits for its budget of memory to be free.
     admission_wait_s: float = 60.0
+    #: How often the parent samples a running worker's memory.
+    sample_interval_s: float = 0.5
+    #: Collect the workers' garbage collector statistics.
+    gc_stats: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -238,9 +259,23 @@ def load_settings(config: pytest.Config) -> Settings:
             "seconds (0 or more)"
         )
 
+    sample_interval = 0.5
+    raw_interval, where = _source(config, "isolate_sample_interval", "isolate_sample_interval")
+    if raw_interval is not None:
+        try:
+            sample_interval = float(raw_interval)
+        except ValueError:
+            sample_interval = -1.0
+        if not sample_interval > 0:
+            raise pytest.UsageError(
+                f"isolator: {where}: {raw_interval!r} must be a positive number of seconds"
+            )
+
     return Settings(
         mode=mode,
         admission_wait_s=admission_wait,
+        sample_interval_s=sample_interval,
+        gc_stats=bool(config.getoption("isolate_gc_stats")),
         budget_bytes=budget,
         ceiling_bytes=ceiling,
         timeout_s=timeout,

@@ -46,8 +46,12 @@ class WorkerMemory:
     tests: int = 0
     #: unit done, recycled (over budget / near ceiling), ceiling hit, crashed: ..., stopped
     ended: str = "running"
-    #: (seconds since run start, own memory) at the start and after each test.
+    #: (seconds since run start, own memory) at the start and after each test,
+    #: and every sample interval while a test runs.
     samples: list[tuple[float, int]] = dataclasses.field(default_factory=list)
+    #: The worker's garbage collector per generation (collections, collected,
+    #: uncollectable) over its unit, with --isolate-gc-stats.
+    gc: list[dict[str, int]] = dataclasses.field(default_factory=list)
 
     @property
     def abnormal(self) -> bool:
@@ -88,6 +92,20 @@ class RunMemory:
         worker.end_bytes = end_rss - base
         worker.samples.append((at_s, peak))
         worker.samples.append((at_s, worker.end_bytes))
+
+    def sampled(self, label: str, rss_bytes: int, at: float) -> None:
+        """A reading taken by the parent while the worker ran a test."""
+        worker = self.workers.get(label)
+        if worker is None:
+            return
+        own = rss_bytes - worker.start_rss_bytes
+        worker.peak_bytes = max(worker.peak_bytes, own)
+        worker.samples.append((at - self.t0, own))
+
+    def gc_stats(self, label: str, stats: list[dict[str, int]]) -> None:
+        worker = self.workers.get(label)
+        if worker is not None:
+            worker.gc = stats
 
     def worker_ended(self, label: str, reason: str, at: float) -> None:
         worker = self.workers.get(label)
@@ -176,6 +194,16 @@ class RunMemory:
             f"{len(workers)} workers, {len(self.recycled)} recycled, {crashed} crashed; "
             f"largest peak {format_size(largest.peak_bytes)} ({largest_name})"
         )
+        with_gc = [w for w in workers if w.gc]
+        if with_gc:
+            lines.append("garbage collector per worker (collections/collected/uncollectable):")
+            lines.append(f"  {'worker':<8} {'gen 0':>14} {'gen 1':>14} {'gen 2':>14}")
+            for worker in sorted(with_gc, key=lambda w: w.started_s)[: max(top, 1) * 5]:
+                cells = [
+                    f"{g['collections']}/{g['collected']}/{g['uncollectable']}" for g in worker.gc
+                ]
+                name = worker.label if worker.node == "main" else f"{worker.node}/{worker.label}"
+                lines.append(f"  {name:<8} " + " ".join(f"{c:>14}" for c in cells))
         if self.admission_waits:
             lines.append(
                 f"{self.admission_waits} times a worker waited for the machine to have its "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import faulthandler
+import gc
 import os
 import pickle
 import sys
@@ -110,11 +111,14 @@ class WorkerPlugin:
         self.recycle_reason: str | None = None
         #: Where to save what coverage.py measured here, if it is measuring.
         self.coverage_file: str | None = None
+        #: The garbage collector's counters when the unit started.
+        self.gc_at_start: list[dict[str, int]] = []
 
     def start(self, limits: Limits) -> None:
         """Begin measuring, and set the ceiling; called once the unit starts."""
         self.limits = limits
         self.coverage_file = coverage_data_file()
+        self.gc_at_start = gc.get_stats()
         self.probe = memory.Probe()
         self.base = self.probe.sample()
         if limits.ceiling_bytes is not None:
@@ -355,6 +359,8 @@ class Orders:
     #: Failures the parent has counted, so that --maxfail stops here exactly
     #: where it stops there.
     testsfailed: int
+    #: Report the garbage collector's work over the unit.
+    gc_stats: bool = False
 
 
 class Line:
@@ -428,6 +434,8 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
         # A stop decided in the last teardown's report left fixtures standing.
         session._setupstate.teardown_exact(None)
         save_coverage(plugin.coverage_file)
+        if orders.gc_stats:
+            sender.send("gc", gc_delta(plugin.gc_at_start))
         sender.send("done", plugin.recycle_reason, lingering_threads())
     except pytest.exit.Exception as exc:
         _teardown_quietly(session)
@@ -472,6 +480,14 @@ def save_coverage(data_file: str | None) -> None:
     out = coverage.CoverageData(basename=data_file, suffix=True)
     out.update(measured)
     out.write()
+
+
+def gc_delta(start: list[dict[str, int]]) -> list[dict[str, int]]:
+    """What the garbage collector did since ``start``, per generation."""
+    return [
+        {key: now[key] - before.get(key, 0) for key in now}
+        for now, before in zip(gc.get_stats(), start or [{}] * 3, strict=False)
+    ]
 
 
 def lingering_threads() -> list[str]:

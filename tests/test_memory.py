@@ -292,6 +292,7 @@ def test_json_report_schema(pytester: pytest.Pytester, isolated: IsolatedRunner)
         "tests",
         "ended",
         "samples",
+        "gc",
     }
     assert worker["node"] == "main"
     assert worker["ended"].startswith("recycled: over budget")
@@ -383,3 +384,27 @@ def test_html_picture_draws_each_worker_and_renders(
     assert png.startswith(b"\x89PNG")
     # A blank page compresses to a few kB; lines, labels and text do not.
     assert len(png) > 20_000
+
+
+def test_parent_samples_a_long_test_between_boundaries(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_long="""
+            import time
+
+            def test_holds_memory_for_a_while():
+                data = b"x" * (80 * 1024 * 1024)
+                time.sleep(0.6)  # the subject of the test: a long test holding memory
+                del data
+        """
+    )
+    report_path = pytester.path / "memory.json"
+    isolated.run(
+        "test", "--isolate-sample-interval=0.1", f"--isolate-report={report_path}"
+    ).assert_outcomes(passed=1)
+    worker = _report(report_path)["workers"][0]
+    # Start, peak and end at the boundaries, and readings in between.
+    inside = [own for _, own in worker["samples"][1:-2]]
+    assert len(inside) >= 3
+    assert max(inside) >= 80 * 1024**2
