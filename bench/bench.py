@@ -102,6 +102,53 @@ def bench_trivial(rounds: int, count: int) -> None:
         print(f"    {variant:<26} {float(ms):.3f}ms per test")
 
 
+LEAKY = """
+import pytest
+
+CACHE = []
+
+
+@pytest.mark.parametrize("n", range(30))
+def test_leaks_24mb(n):
+    CACHE.append(b"\\x01" * (24 * 1024 * 1024))
+"""
+
+_PEAK = (
+    "import resource, subprocess, sys; "
+    "subprocess.run(sys.argv[1:], capture_output=True, check=False); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
+)
+
+
+def largest_process_peak(cwd: Path, args: list[str]) -> int:
+    """The peak RSS of the largest process in the run's process tree."""
+    command = [sys.executable, "-c", _PEAK, sys.executable, "-m", "pytest", "-q", *args]
+    completed = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=True)
+    return int(completed.stdout.split()[-1])
+
+
+def bench_leaky() -> None:
+    suite = WORK / "leaky"
+    suite.mkdir(parents=True, exist_ok=True)
+    (suite / "test_leaky.py").write_text(LEAKY)
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    print("\na module whose 30 tests keep 24 MB each: largest process peak RSS")
+    for name, args in (
+        ("plain", ["-p", "isolator"]),
+        ("--isolate=module", ["-p", "isolator", "--isolate=module"]),
+        (
+            "--isolate=module --worker-mem=256MB",
+            ["-p", "isolator", "--isolate=module", "--worker-mem=256MB"],
+        ),
+        (
+            "--isolate=shared --worker-mem=256MB",
+            ["-p", "isolator", "--isolate=shared", "--worker-mem=256MB"],
+        ),
+    ):
+        peak = largest_process_peak(suite, args)
+        print(f"  {name:<38} {peak / 1e6:8.0f} MB")
+
+
 def bench_networkx(rounds: int) -> None:
     try:
         import networkx  # noqa: F401
@@ -110,27 +157,37 @@ def bench_networkx(rounds: int) -> None:
         return
     cwd = WORK
     cwd.mkdir(parents=True, exist_ok=True)
-    args = ["--pyargs", "networkx", "-p", "isolator", "-x", "-W", "ignore"]
+    (cwd / "pytest.ini").write_text("[pytest]\n")
+    args = ["--pyargs", "networkx", "-p", "isolator"]
     variants = [
         Variant("plain", args),
         Variant("--isolate=module", [*args, "--isolate=module"]),
     ]
     measure(cwd, variants, rounds)
     report(f"pytest --pyargs networkx ({rounds} rounds)", variants, None, 0)
+    parallel = [*args, "-n", "2", "--dist", "loadfile"]
+    variants = [
+        Variant("plain -n 2 --dist loadfile", parallel),
+        Variant("--isolate=module, same", [*parallel, "--isolate=module"]),
+    ]
+    measure(cwd, variants, rounds)
+    report(f"pytest --pyargs networkx -n 2 --dist loadfile ({rounds} rounds)", variants, None, 0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tests", type=int, default=2000)
-    parser.add_argument("--only", choices=["trivial", "networkx"], default=None)
+    parser.add_argument("--only", choices=["trivial", "leaky", "networkx"], default=None)
     options = parser.parse_args()
     os.environ.pop("PYTEST_ADDOPTS", None)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
     if options.only in (None, "trivial"):
         bench_trivial(options.rounds, options.tests)
+    if options.only in (None, "leaky"):
+        bench_leaky()
     if options.only in (None, "networkx"):
-        bench_networkx(max(1, options.rounds // 2))
+        bench_networkx(max(1, options.rounds // 3))
 
 
 if __name__ == "__main__":
