@@ -11,6 +11,26 @@ import re
 
 import pytest
 
+#: Module A pollutes a shared registry; module B expects it clean. Fails
+#: without isolation, passes with it.
+POLLUTING = {
+    "registry": "ITEMS: list[str] = []\n",
+    "test_a_pollutes": """
+        import registry
+
+        def test_register():
+            registry.ITEMS.append("a")
+            assert registry.ITEMS == ["a"]
+    """,
+    "test_b_expects_clean": """
+        import registry
+
+        def test_registry_is_clean():
+            assert registry.ITEMS == []
+    """,
+}
+
+
 _TIMING = re.compile(r" in \d+\.\d+s( \(\d+:\d+:\d+\))?")
 _DURATION = re.compile(r"^\d+\.\d+s ")
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")

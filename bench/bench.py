@@ -55,6 +55,12 @@ def measure(cwd: Path, variants: list[Variant], rounds: int) -> None:
 def report(title: str, variants: list[Variant], baseline: Variant | None, tests: int) -> None:
     plain = variants[0]
     print(f"\n{title}")
+    if not tests:
+        print(f"  {'variant':<28} {'median':>9} {'vs plain':>9}")
+        for variant in variants:
+            ratio = variant.median / plain.median
+            print(f"  {variant.name:<28} {variant.median:>8.2f}s {ratio:>8.2f}x")
+        return
     print(f"  {'variant':<28} {'median':>9} {'vs plain':>9} {'per test':>10} {'vs plain':>9}")
     base = baseline.median if baseline else 0.0
     plain_run = plain.median - base

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Literal
+from typing import Literal, TypeVar
 
 import pytest
 
 from isolator.sizes import SizeError, parse_size
+
+NumberT = TypeVar("NumberT", int, float)
 
 Mode = Literal["off", "module", "test", "marked", "shared"]
 MODES: tuple[Mode, ...] = ("off", "module", "test", "marked", "shared")
@@ -109,7 +111,7 @@ def add_options(parser: pytest.Parser) -> None:
         "isolate_admission_wait",
         "Seconds a unit waits for the machine to have its --worker-mem budget available "
         "before it starts anyway (default 60).",
-        default="60",
+        default="",
     )
     parser.addini("worker_mem", "Default for --worker-mem.", default="")
     parser.addini("worker_ceiling", "Default for --worker-ceiling.", default="")
@@ -170,6 +172,35 @@ def _source(config: pytest.Config, option: str, ini: str) -> tuple[str | None, s
     return text, where
 
 
+def _number(
+    config: pytest.Config,
+    option: str | None,
+    ini: str,
+    kind: type[NumberT],
+    *,
+    positive: bool,
+) -> NumberT | None:
+    """A count (int) or a number of seconds (float), checked: positive, or
+    0 and more."""
+    if option is None:
+        text = str(config.getini(ini)).strip()
+        raw, where = (text or None), f"ini option {ini!r}"
+    else:
+        raw, where = _source(config, option, ini)
+    if raw is None:
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value < 0 or (positive and value == 0):
+        unit = "count (a whole number" if kind is int else "number of seconds ("
+        bound = "more than 0)" if positive else "0 or more)"
+        sep = ", " if kind is int else ""
+        raise pytest.UsageError(f"isolator: {where}: {raw!r} is not a {unit}{sep}{bound}")
+    return value
+
+
 def _size(config: pytest.Config, option: str, ini: str, *, allow_none: bool) -> int | None:
     raw, where = _source(config, option, ini)
     if raw is None:
@@ -213,19 +244,7 @@ def load_settings(config: pytest.Config) -> Settings:
     else:
         ceiling = _size(config, "worker_ceiling", "worker_ceiling", allow_none=True)
 
-    timeout: float | None = None
-    raw_timeout, where = _source(config, "isolate_timeout", "isolate_timeout")
-    if raw_timeout is not None:
-        try:
-            timeout = float(raw_timeout)
-        except ValueError:
-            raise pytest.UsageError(
-                f"isolator: {where}: {raw_timeout!r} is not a number of seconds"
-            ) from None
-        if not timeout > 0:
-            raise pytest.UsageError(
-                f"isolator: {where}: {raw_timeout!r} must be a positive number of seconds"
-            )
+    timeout = _number(config, "isolate_timeout", "isolate_timeout", float, positive=True)
 
     if mode == "shared" and budget is None:
         raise pytest.UsageError(
@@ -236,52 +255,23 @@ def load_settings(config: pytest.Config) -> Settings:
     markers = tuple(str(m) for m in config.getini("isolate_markers"))
     growth_limit = _size(config, "mem_growth_limit", "mem_growth_limit", allow_none=False)
 
-    top = 10
-    raw_top, where = _source(config, "mem_top", "mem_top")
-    if raw_top is not None:
-        try:
-            top = int(raw_top)
-        except ValueError:
-            top = -1
-        if top < 0:
-            raise pytest.UsageError(
-                f"isolator: {where}: {raw_top!r} is not a count (a whole number, 0 or more)"
-            )
-
-    raw_wait = str(config.getini("isolate_admission_wait")).strip() or "60"
-    try:
-        admission_wait = float(raw_wait)
-    except ValueError:
-        admission_wait = -1.0
-    if admission_wait < 0:
-        raise pytest.UsageError(
-            f"isolator: ini option 'isolate_admission_wait': {raw_wait!r} is not a number of "
-            "seconds (0 or more)"
-        )
-
-    sample_interval = 0.5
-    raw_interval, where = _source(config, "isolate_sample_interval", "isolate_sample_interval")
-    if raw_interval is not None:
-        try:
-            sample_interval = float(raw_interval)
-        except ValueError:
-            sample_interval = -1.0
-        if not sample_interval > 0:
-            raise pytest.UsageError(
-                f"isolator: {where}: {raw_interval!r} must be a positive number of seconds"
-            )
+    top = _number(config, "mem_top", "mem_top", int, positive=False)
+    admission_wait = _number(config, None, "isolate_admission_wait", float, positive=False)
+    sample_interval = _number(
+        config, "isolate_sample_interval", "isolate_sample_interval", float, positive=True
+    )
 
     return Settings(
         mode=mode,
-        admission_wait_s=admission_wait,
-        sample_interval_s=sample_interval,
+        admission_wait_s=60.0 if admission_wait is None else admission_wait,
+        sample_interval_s=sample_interval or 0.5,
         gc_stats=bool(config.getoption("isolate_gc_stats")),
         budget_bytes=budget,
         ceiling_bytes=ceiling,
         timeout_s=timeout,
         markers=markers,
         growth_limit_bytes=growth_limit,
-        top=top,
+        top=10 if top is None else top,
         report_path=config.getoption("isolate_report"),
         html_path=config.getoption("isolate_html"),
     )

@@ -9,24 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IsolatedRunner, normalize, without_memory_section
-
-POLLUTING = {
-    "registry": "ITEMS: list[str] = []\n",
-    "test_a_pollutes": """
-        import registry
-
-        def test_register():
-            registry.ITEMS.append("a")
-            assert registry.ITEMS == ["a"]
-    """,
-    "test_b_expects_clean": """
-        import registry
-
-        def test_registry_is_clean():
-            assert registry.ITEMS == []
-    """,
-}
+from conftest import POLLUTING, IsolatedRunner, normalize, without_memory_section
 
 
 def test_state_left_by_one_module_does_not_reach_the_next(

@@ -435,7 +435,10 @@ def test_megabytes_of_output_do_not_block_the_pipe(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--isolate-timeout=-1"], "ERROR: isolator: --isolate-timeout: '-1' must be a positive *"),
+        (
+            ["--isolate-timeout=-1"],
+            "ERROR: isolator: --isolate-timeout: '-1' is not a number of seconds (more than 0)",
+        ),
         (["--isolate-timeout=soon"], "ERROR: isolator: --isolate-timeout: 'soon' is not a *"),
         (["--mem-top=many"], "ERROR: isolator: --mem-top: 'many' is not a count *"),
         (["--worker-ceiling=12XB"], "ERROR: isolator: --worker-ceiling: '12XB' has an unknown *"),

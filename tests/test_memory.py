@@ -408,3 +408,23 @@ def test_parent_samples_a_long_test_between_boundaries(
     inside = [own for _, own in worker["samples"][1:-2]]
     assert len(inside) >= 3
     assert max(inside) >= 80 * 1024**2
+
+
+@pytest.mark.parametrize("ceiling", ["1GB", "none"])
+def test_worker_ceiling_apart_from_the_budget(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, ceiling: str
+) -> None:
+    pytester.makepyfile(
+        test_big="""
+            def test_needs_300mb_once():
+                data = b"x" * (300 * 1024**2)
+                assert data
+
+            def test_after():
+                pass
+        """
+    )
+    # The budget alone would be a 100MB ceiling and fail the first test.
+    isolated.run("module", "--worker-mem=100MB").assert_outcomes(passed=1, failed=1)
+    result = isolated.run("module", "--worker-mem=100MB", f"--worker-ceiling={ceiling}")
+    result.assert_outcomes(passed=2)

@@ -13,24 +13,7 @@ from pathlib import Path
 import execnet
 import pytest
 
-from conftest import IsolatedRunner
-
-POLLUTING = {
-    "registry": "ITEMS: list[str] = []\n",
-    "test_a_pollutes": """
-        import registry
-
-        def test_register():
-            registry.ITEMS.append("a")
-            assert registry.ITEMS == ["a"]
-    """,
-    "test_b_expects_clean": """
-        import registry
-
-        def test_registry_is_clean():
-            assert registry.ITEMS == []
-    """,
-}
+from conftest import POLLUTING, IsolatedRunner
 
 RECORDING = """
     import os
