@@ -21,6 +21,16 @@ venv: $(STAMP) ## Create the virtualenv with the package and dev tools
 test: $(STAMP) ## Run the project's tests
 	$(PY) -m pytest -q
 
+test-installed: $(STAMP) ## Run the tests against the built wheel, away from the checkout
+	rm -rf .wheel .venv-installed .installed-tests
+	$(PY) -m pip wheel -q --no-deps -w .wheel .
+	$(PYTHON) -m venv .venv-installed
+	.venv-installed/bin/python -m pip install -q --upgrade pip
+	.venv-installed/bin/python -m pip install -q .wheel/*.whl pytest-cov pytest-timeout pytest-rerunfailures pytest-randomly
+	mkdir -p .installed-tests && cp -r tests conftest.py pyproject.toml .installed-tests/
+	cd .installed-tests && ../.venv-installed/bin/python -c "import isolator, sys; assert 'site-packages' in isolator.__file__, isolator.__file__"
+	cd .installed-tests && ../.venv-installed/bin/python -m pytest -q -x
+
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -33,7 +43,7 @@ bench: $(STAMP) ## Time plain pytest against --isolate=module/test (ratios)
 	$(PY) bench/bench.py
 
 conformance: $(STAMP) ## Same verdict for every test of networkx and toolz, isolated or not
-	$(PY) bench/conformance.py
+	$(PY) bench/conformance.py --xdist
 
 clean: ## Remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .bench .conformance
+	rm -rf $(VENV) .venv-installed .wheel .installed-tests .pytest_cache .mypy_cache .ruff_cache .bench .conformance

@@ -110,11 +110,14 @@ def compare(suite: str, target: list[str], modes: list[list[str]]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--suite", choices=["networkx", "toolz"], action="append")
+    parser.add_argument("--no-suites", action="store_true", help="only the -n 2 comparison")
     parser.add_argument("--xdist", action="store_true", help="also compare -n 2 runs")
     options = parser.parse_args()
     WORK.mkdir(exist_ok=True)
     (WORK / "pytest.ini").write_text("[pytest]\n")
-    suites = options.suite or ["toolz", "networkx"]
+    suites = options.suite if options.suite is not None else ["toolz", "networkx"]
+    if options.no_suites:
+        suites = []
     modes = [["--isolate=module"], ["--isolate=test"]]
     differing = 0
     for suite in suites:

@@ -530,16 +530,37 @@ class Controller:
 
     def _interrupt(self, proc: WorkerProcess) -> None:
         """Stop a running worker as Ctrl-C stops pytest: KeyboardInterrupt in
-        the test, fixtures torn down; killed if it does not end in time."""
-        if proc.exited:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGINT)
-        if not proc.wait_exit(_INTERRUPT_GRACE_S):
-            sys.stderr.write(
-                f"isolator: worker {proc.label} (PID {proc.pid}) ignored SIGINT for "
-                f"{_INTERRUPT_GRACE_S:g}s while running {proc.current_nodeid()}; killing it\n"
-            )
+        the test, fixtures torn down; killed if it does not end in time.
+        Then report what it finished: the worker runs ahead of the replay, so
+        tests it completed may not have been reported yet."""
+        if not proc.exited:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGINT)
+            if not proc.wait_exit(_INTERRUPT_GRACE_S):
+                sys.stderr.write(
+                    f"isolator: worker {proc.label} (PID {proc.pid}) ignored SIGINT for "
+                    f"{_INTERRUPT_GRACE_S:g}s while running {proc.current_nodeid()}; "
+                    "killing it\n"
+                )
+                proc.stop()
+                proc.wait_exit(_INTERRUPT_GRACE_S)
+        items = {item.nodeid: item for item in proc.plan}
+        while (message := proc.receiver.pop()) is not None:
+            kind = message[0]
+            item = items.get(message[1]) if kind in ("logstart", "logfinish") else None
+            ihook = item.ihook if item is not None else self.config.hook
+            if kind == "logstart":
+                ihook.pytest_runtest_logstart(nodeid=message[1], location=message[2])
+            elif kind == "logfinish":
+                ihook.pytest_runtest_logfinish(nodeid=message[1], location=message[2])
+            elif kind == "report":
+                report = self.config.hook.pytest_report_from_serializable(
+                    config=self.config, data=message[1]
+                )
+                compat.after_unserialize(self.config, report, message[1])
+                self.config.hook.pytest_runtest_logreport(report=report)
+            elif kind == "warning":
+                self._dispatch(proc, message)
 
     def _retire(self, proc: WorkerProcess, reason: str = "stopped") -> None:
         if proc.started:
