@@ -1,0 +1,200 @@
+"""Runs in the controller: the handle on one forked worker.
+
+It owns the worker's end of three pipes and a pidfd: the reports the worker
+streams (read here), the orders the controller gives it (written here), the
+memfd its faulthandler writes fatal stacks into, and the pidfd that says when
+it ended. Invariant: a worker's process group is only ever signalled while the
+worker is unreaped, so its PID cannot have been reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+
+from isolator import faults, worker
+from isolator.wire import Message, Receiver, Sender
+
+
+class WorkerProcess:
+    """The controller's handle on one forked worker."""
+
+    def __init__(
+        self,
+        label: str,
+        pid: int,
+        read_fd: int,
+        go_fd: int,
+        fault_fd: int,
+    ) -> None:
+        self.label = label
+        self.pid = pid
+        #: The items this worker runs, once it has its orders.
+        self.plan: list[pytest.Item] = []
+        #: Indices in ``plan`` before which the worker waits for the word to go on.
+        self.gaps: frozenset[int] = frozenset()
+        #: More items may be fed to the worker after the plan (pytest-xdist).
+        self.open_ended = False
+        #: Index in ``plan`` of the next item whose reports we expect.
+        self.pos = 0
+        #: The worker said it is done and is leaving.
+        self.done = False
+        self.started = False
+        self.wait_status: int | None = None
+        #: What the worker's faulthandler wrote before it died, once reaped.
+        self.fault_stacks = ""
+        #: Why the worker said it leaves early (recycled), if it did.
+        self.leave_reason: str | None = None
+        #: The last test whose reports were replayed.
+        self.last_nodeid = ""
+        self.receiver = Receiver(read_fd)
+        self.go_fd = go_fd
+        self.fault_fd = fault_fd
+        self.pidfd = os.pidfd_open(pid)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(read_fd, selectors.EVENT_READ, "pipe")
+        self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
+
+    def __repr__(self) -> str:
+        if self.wait_status is None:
+            return f"<worker {self.label} running with PID {self.pid}>"
+        return f"<worker {self.label} (PID {self.pid}) {faults.describe_status(self.wait_status)}>"
+
+    @property
+    def exited(self) -> bool:
+        return self.wait_status is not None
+
+    @property
+    def spent(self) -> bool:
+        """Nothing more will come from this worker: it exited and we have
+        read all it wrote. (A worker runs ahead of the replay, so it may
+        well have exited while reports of earlier tests still wait here.)"""
+        return self.exited and not self.receiver.pending()
+
+    def expects(self, item: pytest.Item) -> bool:
+        return (
+            not self.spent
+            and not self.done
+            and self.pos < len(self.plan)
+            and self.plan[self.pos] is item
+        )
+
+    def tell(self, *message: object) -> None:
+        sender = Sender(self.go_fd)
+        sender.send(*message)
+        # A worker that died while it waited is found by the replay.
+        with contextlib.suppress(BrokenPipeError):
+            sender.flush()
+
+    def go(self, orders: worker.Orders, plan: list[pytest.Item]) -> None:
+        """Give a waiting worker its unit."""
+        self.plan = plan
+        self.gaps = orders.gaps
+        self.open_ended = orders.open_ended
+        self.tell("go", orders)
+        self.started = True
+
+    def resume(self, testsfailed: int) -> None:
+        """Let a worker waiting at a gap in its plan run on."""
+        self.tell("resume", testsfailed)
+
+    @property
+    def at_gap(self) -> bool:
+        """The worker waits before its next item (other workers run the tests
+        in between)."""
+        return self.pos in self.gaps and not self.spent and not self.done
+
+    def next_message(
+        self, sample_every_s: float | None = None, on_sample: Callable[[], None] | None = None
+    ) -> Message | None:
+        """The next message from the worker; None once it has exited and
+        everything it wrote has been read. While waiting, ``on_sample`` is
+        called every ``sample_every_s`` seconds."""
+        while True:
+            message = self.receiver.pop()
+            if message is not None:
+                return message
+            if self.exited:
+                return None
+            ready = self.selector.select(sample_every_s)
+            if not ready and on_sample is not None:
+                on_sample()
+            for key, _ in ready:
+                if key.data == "pipe":
+                    if not self.receiver.fill():
+                        # End of file: the worker is leaving. Its exit is
+                        # what we wait for now; the pipe has nothing more.
+                        self.selector.unregister(key.fd)
+                else:
+                    self._reap()
+
+    def _reap(self) -> None:
+        """Collect the exit status of a worker known to have ended."""
+        self.receiver.drain()
+        self._kill_group()
+        _, self.wait_status = os.waitpid(self.pid, 0)
+        self.fault_stacks = self._read_fault_stacks()
+        self._close()
+
+    def try_reap(self) -> bool:
+        """Reap the worker if it has exited; never blocks."""
+        if self.exited:
+            return True
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            return False
+        self.wait_status = status
+        self._close()
+        return True
+
+    def _read_fault_stacks(self) -> str:
+        try:
+            raw = os.pread(self.fault_fd, 1 << 20, 0)
+        except OSError:
+            return ""
+        return faults.trim_fault_stacks(raw.decode("utf-8", "replace"))
+
+    def _kill_group(self) -> None:
+        # While the worker is unreaped its PID, and so its process group ID,
+        # cannot be reused: this reaches only it and what it left behind.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def wait_exit(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the worker to end; True if it did."""
+        if self.exited:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while not self.exited:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            for key, _ in self.selector.select(left):
+                if key.data == "pipe":
+                    if not self.receiver.fill():
+                        self.selector.unregister(key.fd)
+                else:
+                    self._reap()
+        return True
+
+    def current_nodeid(self) -> str:
+        return self.plan[self.pos].nodeid if self.pos < len(self.plan) else "(between tests)"
+
+    def stop(self) -> None:
+        """End the worker and everything it started, without waiting for it."""
+        if not self.exited:
+            self._kill_group()
+
+    def _close(self) -> None:
+        self.selector.close()
+        for fd in (self.receiver.fd, self.pidfd, self.fault_fd, self.go_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.go_fd = -1
