@@ -510,3 +510,24 @@ def test_soak_2000_units_leave_no_fds_and_no_zombies(
     before, after = (int(part.split("=")[1]) for part in line.split()[2:4])
     assert after == before, line
     assert line.endswith("children=[]"), line
+
+
+def test_without_fork_support_isolation_says_so_once(pytester: pytest.Pytester) -> None:
+    # A plugin loaded before isolator configures takes away what isolation
+    # needs, as on a platform without it.
+    pytester.makepyfile(
+        no_memfd="import os\n\ndel os.memfd_create\n",
+        test_x="def test_x(): pass\n",
+    )
+    pytester.syspathinsert()
+    result = pytester.runpytest("-p", "no_memfd", "-p", "isolator", "--isolate=module")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "ERROR: isolator: --isolate: isolation needs Linux 5.3+ (os.memfd_create is missing "
+            "here); run without --isolate, or use pytest-xdist for parallel runs"
+        ]
+    )
+    assert "Traceback" not in result.stderr.str()
+    # Without --isolate the same run works.
+    pytester.runpytest("-p", "no_memfd", "-p", "isolator").assert_outcomes(passed=1)
