@@ -49,6 +49,8 @@ _INTERRUPT_GRACE_S = 5.0
 #: How often a unit waiting for memory looks again.
 _ADMISSION_POLL_S = 0.05
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+#: Messages about one test, as opposed to the worker as a whole.
+_ITEM_MESSAGES = frozenset({"logstart", "report", "logfinish", "finished"})
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -289,12 +291,18 @@ class Controller:
                 self.parked = proc
             else:
                 self._retire(proc)
+        if self.parked is not None and self.parked.try_reap():
+            # Killed while it waited at a gap (the OOM killer, say): no test
+            # of its was running, so its remaining tests get a fresh worker.
+            self._retire(self.parked)
+            self.parked = None
         if self.parked is not None and self.parked.expects(item):
             proc, self.parked = self.parked, None
             proc.resume(testsfailed)
         else:
             proc, self.standby = self.standby, None
-            if proc is None or proc.exited:
+            # A standby killed while it waited never ran anything: use another.
+            if proc is None or proc.try_reap():
                 if proc is not None:
                     self._retire(proc)
                 proc = self._spawn()
@@ -369,24 +377,29 @@ class Controller:
         items = {item.nodeid: item for item in proc.plan}
         while (message := proc.receiver.pop()) is not None:
             kind = message[0]
+            if kind == "report":
+                report = self.config.hook.pytest_report_from_serializable(
+                    config=self.config, data=message[1]
+                )
+                compat.after_unserialize(self.config, report, message[1])
+                item = items.get(report.nodeid)
+                ihook = item.ihook if item is not None else self.config.hook
+                ihook.pytest_runtest_logreport(report=report)
+                continue
             item = items.get(message[1]) if kind in ("logstart", "logfinish") else None
             ihook = item.ihook if item is not None else self.config.hook
             if kind == "logstart":
                 ihook.pytest_runtest_logstart(nodeid=message[1], location=message[2])
             elif kind == "logfinish":
                 ihook.pytest_runtest_logfinish(nodeid=message[1], location=message[2])
-            elif kind == "report":
-                report = self.config.hook.pytest_report_from_serializable(
-                    config=self.config, data=message[1]
-                )
-                compat.after_unserialize(self.config, report, message[1])
-                self.config.hook.pytest_runtest_logreport(report=report)
             elif kind == "warning":
                 self._dispatch(proc, message)
 
     def _retire(self, proc: WorkerProcess, reason: str = "stopped") -> None:
         if proc.started:
-            if proc.exited and proc.wait_status is not None and not proc.done:
+            if self.interrupted and proc is self.current:
+                reason = "interrupted"
+            elif proc.exited and proc.wait_status is not None and not proc.done:
                 reason = f"crashed: {faults.describe_status(proc.wait_status)}"
             elif proc.done:
                 reason = proc.leave_reason or "unit done"
@@ -440,6 +453,10 @@ class Controller:
             # A test that signals its own worker should end that worker only,
             # not (through the parent's handler) the whole run.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            # Interrupting a worker means SIGINT; pytest may have been started
+            # with SIGINT ignored (a background job of a shell script), and
+            # the worker would inherit that.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             os.close(read_fd)
             os.setpgid(0, 0)
             if self._prctl is not None:
@@ -449,7 +466,8 @@ class Controller:
             # Other workers' pipes: holding them would hide those workers' end.
             for other in (self.current, self.parked, self.standby, *self.ending):
                 if other is not None:
-                    for fd in (other.receiver.fd, other.go_fd):
+                    other.selector.close()
+                    for fd in (other.receiver.fd, other.go_fd, other.pidfd, other.fault_fd):
                         if fd >= 0:
                             with contextlib.suppress(OSError):
                                 os.close(fd)
@@ -478,6 +496,11 @@ class Controller:
             message = proc.next_message()
             if message is None:
                 break
+            if message[0] in _ITEM_MESSAGES:
+                # The worker ran ahead into a test pytest will not run here
+                # (a stop decided only in this process); it is ended below
+                # and what it did is not reported.
+                continue
             self._dispatch(proc, message)
         self._retire(proc)
 
@@ -515,6 +538,7 @@ class Controller:
                 outcomes["logfinish"] = "done"
                 ihook.pytest_runtest_logfinish(nodeid=message[1], location=message[2])
             elif kind == "finished":
+                self._stillborn = 0
                 proc.pos += 1
                 proc.last_nodeid = message[1]
                 self.memory.test_done(proc.label, message[1], message[2])
@@ -635,6 +659,9 @@ class Controller:
         sections = self._captured_by_lost_worker()
         if not started:
             ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        if not started and proc.pos == 0:
+            # Died before its first test: a broken conftest or startup does
+            # this to every worker, and starting more would loop forever.
             self._stillborn += 1
             if self._stillborn >= _STILLBORN_LIMIT:
                 item.session.shouldstop = (

@@ -125,14 +125,7 @@ class WorkerProcess:
             ready = self.selector.select(sample_every_s)
             if not ready and on_sample is not None:
                 on_sample()
-            for key, _ in ready:
-                if key.data == "pipe":
-                    if not self.receiver.fill():
-                        # End of file: the worker is leaving. Its exit is
-                        # what we wait for now; the pipe has nothing more.
-                        self.selector.unregister(key.fd)
-                else:
-                    self._reap()
+            self._handle(ready)
 
     def _reap(self) -> None:
         """Collect the exit status of a worker known to have ended."""
@@ -175,13 +168,19 @@ class WorkerProcess:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            for key, _ in self.selector.select(left):
-                if key.data == "pipe":
-                    if not self.receiver.fill():
-                        self.selector.unregister(key.fd)
-                else:
-                    self._reap()
+            self._handle(self.selector.select(left))
         return True
+
+    def _handle(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
+        # The pipe first: reaping closes it (and reads what is left in it).
+        for key, _ in sorted(ready, key=lambda event: event[0].data != "pipe"):
+            if key.data == "pipe":
+                if not self.receiver.fill():
+                    # End of file: the worker is leaving. Its exit is what we
+                    # wait for now; the pipe has nothing more.
+                    self.selector.unregister(key.fd)
+            else:
+                self._reap()
 
     def current_nodeid(self) -> str:
         return self.plan[self.pos].nodeid if self.pos < len(self.plan) else "(between tests)"

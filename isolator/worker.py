@@ -109,6 +109,8 @@ class WorkerPlugin:
         self._step_vm = 0
         #: Why this worker ends early, once it knows it will.
         self.recycle_reason: str | None = None
+        #: The running test's time limit, if it has one.
+        self._timeout_s: float | None = None
         #: Where to save what coverage.py measured here, if it is measuring.
         self.coverage_file: str | None = None
         #: The garbage collector's counters when the unit started.
@@ -125,6 +127,9 @@ class WorkerPlugin:
             memory.limit_malloc_arenas()
             memory.set_ceiling(limits.ceiling_bytes, self.base.vm_bytes)
         self.sender.send("started", self.base.rss_bytes, time.time())
+        # Flushed now, so that a worker that dies in its first test still
+        # shows in the figures.
+        self.sender.flush()
 
     # -- reporting -------------------------------------------------------
 
@@ -133,6 +138,14 @@ class WorkerPlugin:
         if not self.live:
             return
         assert self.probe is not None
+        if self._timeout_s and self.limits.fault_fd >= 0:
+            # faulthandler's watchdog is a C thread: it fires even when the
+            # test is stuck in C code that no Python signal handler would
+            # interrupt, writes every thread's stack where the parent reads
+            # it, and exits. Armed here, inside the protocol, because
+            # faulthandler keeps one timer and pytest's faulthandler_timeout
+            # arms its own when the protocol starts; ours must be the last.
+            faulthandler.dump_traceback_later(self._timeout_s, exit=True, file=self.limits.fault_fd)
         self.probe.reset_peak()
         self._test_start = self._after_setup = self.probe.sample()
         self.sender.send("logstart", nodeid, location)
@@ -171,17 +184,11 @@ class WorkerPlugin:
         if not self.live:
             return (yield)
         overrides = item.stash.get(overrides_key, Overrides())
-        timeout = overrides.timeout_s or self.limits.timeout_s
-        if timeout and self.limits.fault_fd >= 0:
-            # faulthandler's watchdog is a C thread: it fires even when the
-            # test is stuck in C code that no Python signal handler would
-            # interrupt, writes every thread's stack where the parent reads
-            # it, and exits.
-            faulthandler.dump_traceback_later(timeout, exit=True, file=self.limits.fault_fd)
+        self._timeout_s = overrides.timeout_s or self.limits.timeout_s
         try:
             return (yield)
         finally:
-            if timeout:
+            if self._timeout_s:
                 faulthandler.cancel_dump_traceback_later()
             # The item is over only now: a plugin may log it more than once
             # (pytest-rerunfailures logs each attempt from logstart to

@@ -331,9 +331,13 @@ def test_workers_end_when_pytest_is_killed(pytester: pytest.Pytester) -> None:
         proc.wait()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(
+    ("signum", "ignore_sigint"),
+    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+    ids=["sigint", "sigterm", "sigterm-started-with-sigint-ignored"],
+)
 def test_interrupt_stops_workers_reports_what_finished_and_tears_down(
-    pytester: pytest.Pytester, signum: int
+    pytester: pytest.Pytester, signum: int, ignore_sigint: bool
 ) -> None:
     pytester.makepyfile(
         test_interrupted="""
@@ -356,12 +360,18 @@ def test_interrupt_stops_workers_reports_what_finished_and_tears_down(
                 pass
         """
     )
+
+    def ignore() -> None:
+        # What a shell does to a background job: SIGINT ignored, inherited.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "isolator", "--isolate=module", "-v"],
         cwd=pytester.path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=ignore if ignore_sigint else None,
     )
     pid_file = pytester.path / "worker.pid"
     try:
@@ -379,6 +389,7 @@ def test_interrupt_stops_workers_reports_what_finished_and_tears_down(
     assert "KeyboardInterrupt" in output
     assert "test_never" not in output
     assert (pytester.path / "torn-down").read_text() == "yes"
+    assert "ignored SIGINT" not in output
     assert _wait_until_gone(worker_pid, 5)
 
 
@@ -531,3 +542,84 @@ def test_without_fork_support_isolation_says_so_once(pytester: pytest.Pytester) 
     assert "Traceback" not in result.stderr.str()
     # Without --isolate the same run works.
     pytester.runpytest("-p", "no_memfd", "-p", "isolator").assert_outcomes(passed=1)
+
+
+def test_faulthandler_timeout_does_not_disarm_isolate_timeout(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makeini("[pytest]\nfaulthandler_timeout = 60\n")
+    pytester.makepyfile(test_hang="import time\n\ndef test_hang():\n    time.sleep(60)\n")
+    result = isolated.pytester.runpytest_subprocess(
+        "-p", "isolator", "--isolate=module", "--isolate-timeout=1", timeout=50
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["worker w* timed out after 1s and was killed while running *"])
+
+
+def test_a_stop_decided_only_in_the_parent_stops_cleanly(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makeconftest(
+        """
+        SESSION = {}
+
+        def pytest_sessionstart(session):
+            SESSION["s"] = session
+
+        def pytest_runtest_logreport(report):
+            # Reporting hooks run in the parent only.
+            if report.failed:
+                SESSION["s"].shouldstop = "a conftest said stop"
+        """
+    )
+    pytester.makepyfile(
+        test_stop="def test_1():\n    assert 0\n\ndef test_2(): pass\n\ndef test_3(): pass\n"
+    )
+    result = isolated.run("module")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*Interrupted: a conftest said stop*"])
+    assert "INTERNALERROR" not in result.stdout.str()
+
+
+def test_workers_dying_now_and_then_do_not_stop_the_run(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makeconftest(
+        """
+        import os
+        import pytest
+
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_runtest_protocol(item):
+            if item.name.startswith("test_die"):
+                os._exit(3)
+        """
+    )
+    names = ["die1", "ok1", "ok2", "die2", "ok3", "die3", "ok4", "ok5"]
+    pytester.makepyfile(test_mix="\n".join(f"def test_{name}(): pass" for name in names))
+    result = isolated.run("test")
+    result.assert_outcomes(passed=5, errors=3)
+    assert "in a row" not in result.stdout.str()
+
+
+def test_a_standby_killed_while_it_waits_costs_no_test(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_a="""
+            import os, signal
+
+            def test_kills_its_siblings():
+                # Like the OOM killer picking the idle standby worker.
+                parent = os.getppid()
+                for task in os.listdir(f"/proc/{parent}/task"):
+                    with open(f"/proc/{parent}/task/{task}/children") as f:
+                        for pid in map(int, f.read().split()):
+                            if pid != os.getpid():
+                                os.kill(pid, signal.SIGKILL)
+        """,
+        test_b="def test_b():\n    pass\n",
+    )
+    result = isolated.run("module", "-v")
+    result.assert_outcomes(passed=2)
