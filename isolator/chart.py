@@ -109,8 +109,8 @@ def render_svg(memory: RunMemory, budget_bytes: int | None) -> str:
     return "".join(parts)
 
 
-def write_html(path: str, memory: RunMemory, budget_bytes: int | None) -> None:
-    lines = memory.summary_lines(top=10)
+def write_html(path: str, memory: RunMemory, budget_bytes: int | None, top: int = 10) -> None:
+    lines = memory.summary_lines(top=top)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>isolator: memory per worker</title>
 <style>body{{font-family:sans-serif;margin:2em}} pre{{background:#f4f4f4;padding:1em}}</style>

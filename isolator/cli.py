@@ -8,6 +8,8 @@ Everything it does not know is passed to pytest as it is, so
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sample-interval",
-        type=float,
+        type=_seconds,
         default=0.5,
         metavar="SECONDS",
         help="memory sampling period while a test runs (default 0.5)",
@@ -49,11 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def pytest_args(options: argparse.Namespace, rest: list[str]) -> list[str]:
     report_dir = Path(options.report_dir)
-    args = [
-        "-p",
-        "isolator",
+    # The pytest11 entry point loads the plugin; naming it again with -p
+    # would only make pytest warn that it cannot rewrite asserts in it.
+    args = ["-p", "isolator"] if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") else []
+    args += [
         f"--isolate={options.mode}",
         f"--isolate-sample-interval={options.sample_interval}",
         f"--isolate-report={report_dir / 'memory.json'}",
@@ -74,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     options, rest = build_parser().parse_known_args(argv)
     report_dir = Path(options.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("memory.json", "memory.html"):
+        # Only this run's reports get announced at the end.
+        (report_dir / name).unlink(missing_ok=True)
     code = int(pytest.main(pytest_args(options, rest)))
     for name in ("memory.json", "memory.html"):
         path = report_dir / name

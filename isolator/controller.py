@@ -34,7 +34,7 @@ import pytest
 from pluggy import HookRelay
 
 from isolator import compat, faults, worker
-from isolator.memory import available_bytes
+from isolator.memory import available_bytes, total_bytes
 from isolator.process import WorkerProcess
 from isolator.settings import Overrides, Settings, overrides_key, read_marker
 from isolator.sizes import format_size
@@ -95,6 +95,7 @@ class Controller:
         #: Workers in a row that died before they started a test.
         self._stillborn = 0
         self._spawned = 0
+        self._admission_gave_up = False
         self._parent_pid = os.getpid()
         self._prctl = _load_prctl()
 
@@ -229,12 +230,24 @@ class Controller:
             "ceiling_bytes": self.settings.ceiling_bytes,
             "growth_limit_bytes": self.settings.growth_limit_bytes,
         }
-        if self.settings.report_path:
-            self.memory.write_json(self.settings.report_path, **settings)
-        if self.settings.html_path:
-            from isolator import chart
+        try:
+            if self.settings.report_path:
+                self.memory.write_json(self.settings.report_path, **settings)
+            if self.settings.html_path:
+                from isolator import chart
 
-            chart.write_html(self.settings.html_path, self.memory, self.settings.budget_bytes)
+                chart.write_html(
+                    self.settings.html_path,
+                    self.memory,
+                    self.settings.budget_bytes,
+                    self.settings.top,
+                )
+        except OSError as exc:
+            # The run's verdicts matter more than the report: say so, go on.
+            warnings.warn(
+                pytest.PytestWarning(f"isolator: could not write the memory report: {exc}"),
+                stacklevel=1,
+            )
         return (yield)
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
@@ -334,7 +347,11 @@ class Controller:
         ``isolate_admission_wait`` seconds the unit starts anyway: a stuck
         run would help no one.
         """
-        if budget is None or available_bytes() >= budget:
+        if budget is None or self._admission_gave_up or available_bytes() >= budget:
+            return
+        if budget > total_bytes():
+            # Never satisfiable here: waiting would only slow every unit down.
+            self._admission_gave_up = True
             return
         self.memory.admission_waits += 1
         deadline = time.monotonic() + self.settings.admission_wait_s
@@ -343,6 +360,10 @@ class Controller:
             time.sleep(_ADMISSION_POLL_S)
             if available_bytes() >= budget:
                 return
+        # Waited the whole time and nothing was freed: whatever holds the
+        # memory is not ending, and waiting again for every unit would only
+        # turn a tight machine into a stalled run.
+        self._admission_gave_up = True
 
     def _feed(self, proc: WorkerProcess, item: pytest.Item, nextitem: pytest.Item | None) -> None:
         """Under pytest-xdist the run order is known one item at a time: tell

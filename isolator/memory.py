@@ -72,6 +72,8 @@ def set_ceiling(headroom_bytes: int, start_vm_bytes: int) -> int:
     """
     limit = start_vm_bytes + headroom_bytes
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if limit >= 2**63 - 1:
+        return soft  # no address space is that large: nothing to limit
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     if soft != resource.RLIM_INFINITY:
@@ -145,6 +147,23 @@ def _read_int(path: str) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def total_bytes() -> int:
+    """All the memory this process could ever be given: MemTotal, or the
+    container's cgroup limit if lower."""
+    total = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024
+                break
+    for limit_path, _ in _CGROUP_FILES:
+        limit = _read_int(limit_path)
+        if limit is not None and limit < (1 << 60):
+            total = min(total, limit)
+            break
+    return total
 
 
 def available_bytes() -> int:

@@ -8,7 +8,9 @@ from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from pathlib import Path
 from typing import Literal, TypeVar
 
 import pytest
@@ -157,11 +159,11 @@ class Settings:
         return self.mode != "off"
 
 
-def _source(config: pytest.Config, option: str, ini: str) -> tuple[str | None, str]:
+def _source(config: pytest.Config, option: str | None, ini: str) -> tuple[str | None, str]:
     """The raw value of a setting and a phrase saying where it came from."""
-    value = config.getoption(option)
+    value = config.getoption(option) if option is not None else None
     if value is not None:
-        return str(value), f"--{option.replace('_', '-')}"
+        return str(value), f"--{option.replace('_', '-')}"  # type: ignore[union-attr]
     raw = config.getini(ini)
     text = str(raw).strip() if raw is not None else ""
     if not text:
@@ -182,23 +184,38 @@ def _number(
 ) -> NumberT | None:
     """A count (int) or a number of seconds (float), checked: positive, or
     0 and more."""
-    if option is None:
-        text = str(config.getini(ini)).strip()
-        raw, where = (text or None), f"ini option {ini!r}"
-    else:
-        raw, where = _source(config, option, ini)
+    raw, where = _source(config, option, ini)
     if raw is None:
         return None
     try:
         value = kind(raw)
     except ValueError:
         value = None
-    if value is None or value < 0 or (positive and value == 0):
+    if value is None or not math.isfinite(value) or value < 0 or (positive and value == 0):
         unit = "count (a whole number" if kind is int else "number of seconds ("
         bound = "more than 0)" if positive else "0 or more)"
         sep = ", " if kind is int else ""
         raise pytest.UsageError(f"isolator: {where}: {raw!r} is not a {unit}{sep}{bound}")
     return value
+
+
+def _output_path(config: pytest.Config, option: str) -> str | None:
+    """A report path whose directory exists (made if need be), as junitxml does."""
+    raw = config.getoption(option)
+    if raw is None:
+        return None
+    path = Path(raw)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise pytest.UsageError(
+            f"isolator: --{option.replace('_', '-')}: cannot write {raw!r} ({exc.strerror or exc})"
+        ) from None
+    if path.is_dir():
+        raise pytest.UsageError(
+            f"isolator: --{option.replace('_', '-')}: {raw!r} is a directory, not a file"
+        )
+    return str(path)
 
 
 def _size(config: pytest.Config, option: str, ini: str, *, allow_none: bool) -> int | None:
@@ -215,7 +232,7 @@ def _size(config: pytest.Config, option: str, ini: str, *, allow_none: bool) -> 
 
 def load_settings(config: pytest.Config) -> Settings:
     raw_mode, where = _source(config, "isolate", "isolate")
-    mode_text = (raw_mode or "off").strip().lower()
+    mode_text = "off" if raw_mode is None else raw_mode.strip().lower()
     if mode_text not in MODES:
         raise pytest.UsageError(
             f"isolator: {where}: {raw_mode!r} is not an isolation mode "
@@ -272,8 +289,8 @@ def load_settings(config: pytest.Config) -> Settings:
         markers=markers,
         growth_limit_bytes=growth_limit,
         top=10 if top is None else top,
-        report_path=config.getoption("isolate_report"),
-        html_path=config.getoption("isolate_html"),
+        report_path=_output_path(config, "isolate_report"),
+        html_path=_output_path(config, "isolate_html"),
     )
 
 
@@ -334,7 +351,7 @@ def read_marker(item: pytest.Item, markers: tuple[str, ...]) -> Overrides:
             timeout = float(timeout)
         except (TypeError, ValueError):
             timeout = -1.0
-        if not timeout > 0:
+        if not (timeout > 0 and math.isfinite(timeout)):
             raise pytest.UsageError(
                 f"isolator: {where}: timeout={marker.kwargs['timeout']!r} must be a positive "
                 "number of seconds"

@@ -24,6 +24,9 @@ _UNITS: dict[str, int] = {
     "tib": 1024**4,
 }
 
+#: RLIMIT_AS is a signed 64-bit number of bytes.
+_LARGEST = 2**63
+
 _SIZE_RE = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s*$")
 
 
@@ -53,6 +56,8 @@ def parse_size(text: str) -> int:
     value = float(match["number"]) * _UNITS[unit]
     if value < 1:
         raise SizeError(f"{text!r} is not a positive memory size")
+    if value >= _LARGEST:
+        raise SizeError(f"{text!r} is larger than any address space (at most 8EiB)")
     return int(value)
 
 

@@ -26,7 +26,8 @@ class TestMemory:
     worker: str
     #: Highest own memory while the test ran (setup to teardown).
     peak_bytes: int
-    #: Own memory the test left behind after its teardown (negative if it freed).
+    #: Memory the test kept after its teardown, counted from the end of its
+    #: setup (what wider fixtures built is not its own; negative if it freed).
     growth_bytes: int
     #: When the test finished, seconds since the run started.
     at_s: float
@@ -74,18 +75,21 @@ class RunMemory:
         worker.samples.append((worker.started_s, 0))
         self.workers[label] = worker
 
+    def _display(self, worker: WorkerMemory) -> str:
+        return worker.label if worker.node == "main" else f"{worker.node}/{worker.label}"
+
     def name(self, label: str) -> str:
         return label if self.node == "main" else f"{self.node}/{label}"
 
-    def test_done(self, label: str, nodeid: str, stats: tuple[int, int, int, float]) -> None:
+    def test_done(self, label: str, nodeid: str, stats: tuple[int, int, int, int, float]) -> None:
         worker = self.workers.get(label)
         if worker is None:
             return
-        start_rss, peak_rss, end_rss, at = stats
+        start_rss, after_setup_rss, peak_rss, end_rss, at = stats
         base = worker.start_rss_bytes
         at_s = at - self.t0
         peak = max(peak_rss, end_rss, start_rss) - base
-        growth = end_rss - start_rss
+        growth = end_rss - after_setup_rss
         self.tests.append(TestMemory(nodeid, self.name(label), peak, growth, at_s))
         worker.tests += 1
         worker.peak_bytes = max(worker.peak_bytes, peak)
@@ -151,7 +155,7 @@ class RunMemory:
                 "recycled": len(self.recycled),
                 "crashed": sum(w.ended.startswith("crashed") for w in self.workers.values()),
                 "largest_peak_bytes": largest.peak_bytes if largest else 0,
-                "largest_peak_worker": largest.label if largest else None,
+                "largest_peak_worker": self._display(largest) if largest else None,
                 "admission_waits": self.admission_waits,
             },
             "workers": [dataclasses.asdict(w) for w in self.workers.values()],

@@ -103,7 +103,7 @@ class WorkerPlugin:
         self.base = memory.Sample(0, 0)
         self._test_start = memory.Sample(0, 0)
         self._after_setup = memory.Sample(0, 0)
-        self._test_stats: tuple[int, int, int, float] = (0, 0, 0, 0.0)
+        self._test_stats: tuple[int, int, int, int, float] = (0, 0, 0, 0, 0.0)
         #: Largest growth one test has caused in this worker, RSS and address space.
         self._step_rss = 0
         self._step_vm = 0
@@ -214,9 +214,9 @@ class WorkerPlugin:
             self._explain_memory_error(item, call.excinfo.value)
         report = yield
         if self.live and call.when == "teardown":
-            start_rss, peak_rss, end_rss, _ = self._test_stats
+            start_rss, after_setup_rss, peak_rss, end_rss, _ = self._test_stats
             report.user_properties.append((PEAK_PROPERTY, max(peak_rss - start_rss, 0)))
-            report.user_properties.append((GROWTH_PROPERTY, end_rss - start_rss))
+            report.user_properties.append((GROWTH_PROPERTY, end_rss - after_setup_rss))
         return report
 
     def _explain_memory_error(self, item: pytest.Item, error: BaseException) -> None:
@@ -241,14 +241,19 @@ class WorkerPlugin:
             return result
         end = self.probe.sample()
         start = self._test_start
+        # A test's own growth is counted from the end of its setup: a module
+        # or session fixture that setup built once is no test's doing, and
+        # counting it would predict it again for every next test.
+        after_setup = self._after_setup
         self._test_stats = (
             start.rss_bytes,
+            after_setup.rss_bytes,
             self.probe.peak_rss_bytes(),
             end.rss_bytes,
             time.time(),
         )
-        self._step_rss = max(self._step_rss, end.rss_bytes - start.rss_bytes)
-        self._step_vm = max(self._step_vm, end.vm_bytes - start.vm_bytes)
+        self._step_rss = max(self._step_rss, end.rss_bytes - after_setup.rss_bytes)
+        self._step_vm = max(self._step_vm, end.vm_bytes - after_setup.vm_bytes)
         if nextitem is not None and self.recycle_reason is None:
             self.recycle_reason = self._over_budget(end)
         if self.recycle_reason is not None and nextitem is not None:

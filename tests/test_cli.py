@@ -75,3 +75,32 @@ def test_runner_returns_pytests_exit_code(pytester: pytest.Pytester) -> None:
         check=False,
     )
     assert completed.returncode == pytest.ExitCode.TESTS_FAILED
+
+
+def test_runner_announces_only_this_runs_reports(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_ok="def test_ok():\n    pass\n")
+    command = [sys.executable, "-m", "isolator", "-q", "-p", "no:randomly"]
+    first = subprocess.run(command, cwd=pytester.path, capture_output=True, text=True, check=False)
+    assert "memory.json" in first.stdout
+    second = subprocess.run(
+        [*command, "--mode", "sometimes"],
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert second.returncode == pytest.ExitCode.USAGE_ERROR
+    assert "memory.json" not in second.stdout
+
+
+def test_runner_works_with_warnings_as_errors(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_ok="def test_ok():\n    pass\n")
+    pytester.makeini("[pytest]\nfilterwarnings = error\n")
+    completed = subprocess.run(
+        [sys.executable, "-m", "isolator", "-q", "-p", "no:randomly"],
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr

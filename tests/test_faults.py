@@ -452,6 +452,11 @@ def test_megabytes_of_output_do_not_block_the_pipe(
         ),
         (["--isolate-timeout=soon"], "ERROR: isolator: --isolate-timeout: 'soon' is not a *"),
         (["--mem-top=many"], "ERROR: isolator: --mem-top: 'many' is not a count *"),
+        (["--isolate-timeout=inf"], "ERROR: isolator: --isolate-timeout: 'inf' is not a number *"),
+        (
+            ["--isolate-sample-interval=nan"],
+            "ERROR: isolator: --isolate-sample-interval: 'nan' is not a number *",
+        ),
         (["--worker-ceiling=12XB"], "ERROR: isolator: --worker-ceiling: '12XB' has an unknown *"),
     ],
 )
@@ -623,3 +628,10 @@ def test_a_standby_killed_while_it_waits_costs_no_test(
     )
     result = isolated.run("module", "-v")
     result.assert_outcomes(passed=2)
+
+
+def test_empty_mode_is_an_error_not_off(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_x="def test_x(): pass\n")
+    result = pytester.runpytest("-p", "isolator", "--isolate=")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: isolator: --isolate: '' is not an isolation mode *"])

@@ -302,7 +302,7 @@ def test_json_report_schema(pytester: pytest.Pytester, isolated: IsolatedRunner)
     assert 24 * 1024**2 <= test["growth_bytes"] < 30 * 1024**2
 
 
-@pytest.mark.parametrize("bad", ["lots", "-5MB", "12XB", "0"])
+@pytest.mark.parametrize("bad", ["lots", "-5MB", "12XB", "0", "nan", "99999999999TB"])
 def test_bad_sizes_are_usage_errors(pytester: pytest.Pytester, bad: str) -> None:
     pytester.makepyfile(test_x="def test_x(): pass\n")
     result = pytester.runpytest("-p", "isolator", "--isolate=module", f"--worker-mem={bad}")
@@ -428,3 +428,49 @@ def test_worker_ceiling_apart_from_the_budget(
     isolated.run("module", "--worker-mem=100MB").assert_outcomes(passed=1, failed=1)
     result = isolated.run("module", "--worker-mem=100MB", f"--worker-ceiling={ceiling}")
     result.assert_outcomes(passed=2)
+
+
+def test_a_big_module_fixture_is_not_counted_against_each_test(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_fixture="""
+            import pytest
+
+            BUILT = []
+
+            @pytest.fixture(scope="module")
+            def big():
+                BUILT.append(1)
+                return b"x" * (120 * 1000 * 1000)
+
+            @pytest.mark.parametrize("i", range(6))
+            def test_uses(big, i):
+                assert len(BUILT) == 1
+        """
+    )
+    report_path = pytester.path / "memory.json"
+    result = isolated.run("module", "--worker-mem=200MB", f"--isolate-report={report_path}")
+    result.assert_outcomes(passed=6)
+    report = _report(report_path)
+    assert report["summary"]["workers"] == 1
+    assert report["summary"]["recycled"] == 0
+    # "kept" counts from the end of setup: the fixture is nobody's leak.
+    assert all(test["growth_bytes"] < 10 * MB for test in report["tests"])
+
+
+def test_report_paths_are_made_or_refused_before_the_run(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(test_x="def test_x(): pass\n")
+    nested = pytester.path / "reports" / "today" / "memory.json"
+    isolated.run("module", f"--isolate-report={nested}").assert_outcomes(passed=1)
+    assert nested.exists()
+    (pytester.path / "taken").write_text("a file where a directory should be")
+    result = pytester.runpytest(
+        "-p", "isolator", "--isolate=module", "--isolate-html=taken/memory.html"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: isolator: --isolate-html: cannot write 'taken/memory.html'*"]
+    )
