@@ -173,13 +173,15 @@ class Controller:
         # process it would only dump, or with exit_on_timeout kill, the parent.
         faulthandler.cancel_dump_traceback_later()
         session = item.session
+        may_retry = True
         while True:
             proc = self._worker_for(item, nextitem)
-            if self._replay(proc, item):
+            if self._replay(proc, item, may_retry):
                 break
-            # The worker stopped before this item (its own session decided to
-            # stop, ours did not): the item never ran, so it gets a fresh one.
+            # The item never started in that worker (it stopped, or died
+            # before the test's setup began): it gets a fresh one, once.
             self._retire(proc)
+            may_retry = False
         if proc.spent or proc.pos >= len(proc.plan) or session.shouldfail or session.shouldstop:
             self._finish(proc)
         return True
@@ -527,7 +529,7 @@ class Controller:
 
     # -- replay ----------------------------------------------------------
 
-    def _replay(self, proc: WorkerProcess, item: pytest.Item) -> bool:
+    def _replay(self, proc: WorkerProcess, item: pytest.Item, may_retry: bool = False) -> bool:
         """Replay the worker's events for ``item`` until it finishes or dies.
 
         False if the worker ended without starting the item."""
@@ -540,6 +542,16 @@ class Controller:
             if message is None:
                 if proc.done and not started:
                     return False
+                if not started and proc.pos == 0 and may_retry:
+                    # Died before this, its first test, began: killed while it
+                    # waited (the OOM killer takes idle processes too) or a
+                    # broken startup. The test did not run; try a fresh worker,
+                    # unless workers keep dying like this.
+                    self._stillborn += 1
+                    if self._stillborn < _STILLBORN_LIMIT:
+                        self._captured_by_lost_worker()
+                        return False
+                    self._stillborn -= 1  # _report_lost counts this one
                 self._report_lost(proc, item, started, outcomes)
                 return True
             kind = message[0]
