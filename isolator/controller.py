@@ -36,7 +36,7 @@ from pluggy import HookRelay
 from isolator import compat, faults, worker
 from isolator.memory import available_bytes, total_bytes
 from isolator.process import WorkerProcess
-from isolator.settings import Overrides, Settings, overrides_key, read_marker
+from isolator.settings import Settings, overrides_key, overrides_of, read_marker
 from isolator.sizes import format_size
 from isolator.stats import RunMemory
 from isolator.wire import Message, Sender
@@ -51,6 +51,8 @@ _ADMISSION_POLL_S = 0.05
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 #: Messages about one test, as opposed to the worker as a whole.
 _ITEM_MESSAGES = frozenset({"logstart", "report", "logfinish", "finished"})
+#: Item messages replayed as pytest's logging hooks.
+_LOG_MESSAGES = frozenset({"logstart", "report", "logfinish"})
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -104,7 +106,7 @@ class Controller:
     def unit_key(self, item: pytest.Item) -> Hashable:
         """Items with equal keys, next to each other, share a worker."""
         mode = self.settings.mode
-        overrides = item.stash.get(overrides_key, Overrides())
+        overrides = overrides_of(item)
         if mode == "test" or overrides.needs_own_worker:
             return item
         if mode == "module":
@@ -117,7 +119,7 @@ class Controller:
         settings = self.settings
         budget, ceiling = settings.budget_bytes, settings.ceiling_bytes
         if len(plan) == 1:
-            own = plan[0].stash.get(overrides_key, Overrides()).budget_bytes
+            own = overrides_of(plan[0]).budget_bytes
             if own is not None:
                 budget = ceiling = own
         return worker.Limits(
@@ -400,26 +402,16 @@ class Controller:
         items = {item.nodeid: item for item in proc.plan}
         while (message := proc.receiver.pop()) is not None:
             kind = message[0]
-            if kind == "report":
-                report = self.config.hook.pytest_report_from_serializable(
-                    config=self.config, data=message[1]
-                )
-                compat.after_unserialize(self.config, report, message[1])
-                item = items.get(report.nodeid)
-                ihook = item.ihook if item is not None else self.config.hook
-                ihook.pytest_runtest_logreport(report=report)
-                continue
-            item = items.get(message[1]) if kind in ("logstart", "logfinish") else None
-            ihook = item.ihook if item is not None else self.config.hook
-            if kind == "logstart":
-                ihook.pytest_runtest_logstart(nodeid=message[1], location=message[2])
-            elif kind == "logfinish":
-                ihook.pytest_runtest_logfinish(nodeid=message[1], location=message[2])
+            if kind in _LOG_MESSAGES:
+                nodeid = message[1].get("nodeid") if kind == "report" else message[1]
+                item = items.get(nodeid)
+                self._log(message, item.ihook if item is not None else self.config.hook)
             elif kind == "warning":
                 self._dispatch(proc, message)
 
-    def _retire(self, proc: WorkerProcess, reason: str = "stopped") -> None:
+    def _retire(self, proc: WorkerProcess) -> None:
         if proc.started:
+            reason = "stopped"
             if self.interrupted and proc is self.current:
                 reason = "interrupted"
             elif proc.exited and proc.wait_status is not None and not proc.done:
@@ -534,7 +526,6 @@ class Controller:
 
         False if the worker ended without starting the item."""
         ihook = item.ihook
-        hook = self.config.hook
         started = False
         outcomes: dict[str, str] = {}
         while True:
@@ -542,34 +533,34 @@ class Controller:
             if message is None:
                 if proc.done and not started:
                     return False
-                if not started and proc.pos == 0 and may_retry:
-                    # Died before this, its first test, began: killed while it
-                    # waited (the OOM killer takes idle processes too) or a
-                    # broken startup. The test did not run; try a fresh worker,
-                    # unless workers keep dying like this.
+                # Died before this, its first test, began: killed while it
+                # waited (the OOM killer takes idle processes too) or a broken
+                # startup. The test did not run; try a fresh worker, unless
+                # workers keep dying like this (_report_lost counts the death
+                # that reaches the limit).
+                if (
+                    not started
+                    and proc.pos == 0
+                    and may_retry
+                    and self._stillborn + 1 < _STILLBORN_LIMIT
+                ):
                     self._stillborn += 1
-                    if self._stillborn < _STILLBORN_LIMIT:
-                        self._captured_by_lost_worker()
-                        return False
-                    self._stillborn -= 1  # _report_lost counts this one
+                    self._captured_by_lost_worker()
+                    return False
                 self._report_lost(proc, item, started, outcomes)
                 return True
             kind = message[0]
-            if kind == "report":
-                report = hook.pytest_report_from_serializable(config=self.config, data=message[1])
-                compat.after_unserialize(self.config, report, message[1])
-                if isinstance(report, pytest.TestReport) and report.nodeid == item.nodeid:
-                    outcomes[report.when] = report.outcome
-                ihook.pytest_runtest_logreport(report=report)
-            elif kind == "logstart":
+            if kind == "logstart":
                 started = True
                 # A plugin that runs the item again (pytest-rerunfailures)
                 # logs it again: the phases of the last attempt are what count.
                 outcomes.clear()
-                ihook.pytest_runtest_logstart(nodeid=message[1], location=message[2])
-            elif kind == "logfinish":
-                outcomes["logfinish"] = "done"
-                ihook.pytest_runtest_logfinish(nodeid=message[1], location=message[2])
+            if kind in _LOG_MESSAGES:
+                report = self._log(message, ihook)
+                if kind == "logfinish":
+                    outcomes["logfinish"] = "done"
+                elif isinstance(report, pytest.TestReport) and report.nodeid == item.nodeid:
+                    outcomes[report.when] = report.outcome
             elif kind == "finished":
                 self._stillborn = 0
                 proc.pos += 1
@@ -578,6 +569,23 @@ class Controller:
                 return True
             else:
                 self._dispatch(proc, message)
+
+    def _log(self, message: Message, ihook: HookRelay) -> pytest.TestReport | None:
+        """Replay one logstart, report or logfinish through ``ihook`` (the
+        item's hook relay, which leaves out conftests the item is not under)."""
+        kind = message[0]
+        if kind == "report":
+            report: pytest.TestReport = self.config.hook.pytest_report_from_serializable(
+                config=self.config, data=message[1]
+            )
+            compat.after_unserialize(self.config, report, message[1])
+            ihook.pytest_runtest_logreport(report=report)
+            return report
+        if kind == "logstart":
+            ihook.pytest_runtest_logstart(nodeid=message[1], location=message[2])
+        else:
+            ihook.pytest_runtest_logfinish(nodeid=message[1], location=message[2])
+        return None
 
     def _dispatch(self, proc: WorkerProcess, message: Message) -> None:
         """Messages that are not about the item being replayed."""
@@ -674,7 +682,7 @@ class Controller:
         """The worker died while running ``item``: fail the phase it was in."""
         ihook = item.ihook
         stacks = proc.fault_stacks
-        timeout = item.stash.get(overrides_key, Overrides()).timeout_s or self.settings.timeout_s
+        timeout = overrides_of(item).timeout_s or self.settings.timeout_s
         if timeout and stacks.startswith("Timeout ("):
             how = f"timed out after {timeout:g}s and was killed"
         else:

@@ -140,6 +140,10 @@ _CGROUP_FILES = (
 )
 
 
+#: cgroup v1 writes "no limit" as a number near 2**63 (v2 writes "max").
+_NO_CGROUP_LIMIT = 1 << 60
+
+
 def _read_int(path: str) -> int | None:
     try:
         with open(path) as f:
@@ -149,18 +153,23 @@ def _read_int(path: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _meminfo(field: str) -> int:
+    """One ``/proc/meminfo`` figure, in bytes (0 if it cannot be read)."""
+    prefix = f"{field}:"
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(prefix):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def total_bytes() -> int:
     """All the memory this process could ever be given: MemTotal, or the
     container's cgroup limit if lower."""
-    total = 0
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                total = int(line.split()[1]) * 1024
-                break
+    total = _meminfo("MemTotal")
     for limit_path, _ in _CGROUP_FILES:
         limit = _read_int(limit_path)
-        if limit is not None and limit < (1 << 60):
+        if limit is not None and limit < _NO_CGROUP_LIMIT:
             total = min(total, limit)
             break
     return total
@@ -175,15 +184,10 @@ def available_bytes() -> int:
         value = _read_int(override)
         if value is not None:
             return value
-    available = 0
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-                break
+    available = _meminfo("MemAvailable")
     for limit_path, usage_path in _CGROUP_FILES:
         limit, usage = _read_int(limit_path), _read_int(usage_path)
-        if limit is not None and usage is not None and limit < (1 << 60):
+        if limit is not None and usage is not None and limit < _NO_CGROUP_LIMIT:
             available = min(available, max(limit - usage, 0))
             break
     return available

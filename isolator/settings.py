@@ -312,6 +312,13 @@ class Overrides:
 
 
 overrides_key = pytest.StashKey[Overrides]()
+_NO_OVERRIDES = Overrides()
+
+
+def overrides_of(item: pytest.Item) -> Overrides:
+    """What the item's marker sets (nothing, before collection finished)."""
+    return item.stash.get(overrides_key, _NO_OVERRIDES)
+
 
 _MARKER_KWARGS = ("mem", "max_growth", "timeout")
 

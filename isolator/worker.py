@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 import pytest
 
 from isolator import memory
-from isolator.settings import Overrides, overrides_key
+from isolator.settings import overrides_of
 from isolator.sizes import format_size
 from isolator.wire import Receiver, Sender
 
@@ -183,7 +183,7 @@ class WorkerPlugin:
     def pytest_runtest_protocol(self, item: pytest.Item) -> Generator[None, object, object]:
         if not self.live:
             return (yield)
-        overrides = item.stash.get(overrides_key, Overrides())
+        overrides = overrides_of(item)
         self._timeout_s = overrides.timeout_s or self.limits.timeout_s
         try:
             return (yield)
@@ -290,7 +290,7 @@ class WorkerPlugin:
         return None
 
     def _check_growth(self, item: pytest.Item, end: memory.Sample) -> None:
-        overrides = item.stash.get(overrides_key, Overrides())
+        overrides = overrides_of(item)
         limit = overrides.growth_limit_bytes or self.limits.growth_limit_bytes
         if limit is None:
             return
