@@ -294,7 +294,11 @@ class Controller:
             return
         path = str(basetemp)
         with contextlib.suppress(OSError):
-            if not os.listdir(path):
+            # pytest 8 keeps its lock file in the directory until exit.
+            entries = os.listdir(path)
+            if set(entries) <= {".lock"}:
+                for name in entries:
+                    os.unlink(os.path.join(path, name))
                 os.rmdir(path)
                 current = os.path.join(os.path.dirname(path), "pytest-current")
                 if os.path.islink(current) and not os.path.exists(current):
