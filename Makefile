@@ -9,8 +9,8 @@ STAMP := $(VENV)/.installed
 PINS ?=
 FLOOR_VENV ?= .venv-floor
 # The floor this package claims, read from pyproject.toml: "pytest>=8.0" becomes "pytest==8.0.*";
-# plus pluggy, which isolator imports and takes from pytest (pytest 8.1 accepts pluggy 1.4).
-FLOOR := $(shell sed -n 's/^ *"\(pytest\|pytest-xdist\|psutil\)>=\([0-9.]*\)",*$$/\1==\2.*/p' pyproject.toml) pluggy==1.4.*
+# plus pluggy, which isolator imports and takes from pytest (pytest 8.0 accepts pluggy 1.3).
+FLOOR := $(shell sed -n 's/^ *"\(pytest\|pytest-xdist\|psutil\)>=\([0-9.]*\)",*$$/\1==\2.*/p' pyproject.toml) pluggy==1.3.*
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test test-floor test-installed lint demo bench conformance clean
