@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import faulthandler
 import gc
 import os
@@ -28,14 +27,14 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 import pytest
 from pluggy import HookRelay
 
 from isolator import compat, faults, worker
-from isolator.memory import available_bytes, total_bytes
 from isolator.process import WorkerProcess
+from isolator.schedule import Schedule
 from isolator.settings import Settings, overrides_key, overrides_of, read_marker
 from isolator.sizes import format_size
 from isolator.stats import RunMemory
@@ -46,8 +45,6 @@ _PR_SET_PDEATHSIG = 1
 _STILLBORN_LIMIT = 3
 #: How long an interrupted worker gets to tear down before it is killed.
 _INTERRUPT_GRACE_S = 5.0
-#: How often a unit waiting for memory looks again.
-_ADMISSION_POLL_S = 0.05
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 #: Messages about one test, as opposed to the worker as a whole.
 _ITEM_MESSAGES = frozenset({"logstart", "report", "logfinish", "finished"})
@@ -86,81 +83,17 @@ class Controller:
         self.in_worker = False
         #: The run was interrupted (Ctrl-C, SIGTERM).
         self.interrupted = False
-        #: Under pytest-xdist the run order is known one item at a time, so
-        #: workers are fed their unit item by item instead of planned ahead.
-        self.feeding = hasattr(config, "workerinput")
+        #: Which tests share a worker, what it enforces, when it may start.
+        self.schedule = Schedule(settings, self.memory, feeding=hasattr(config, "workerinput"))
         self.session: pytest.Session
-        self._positions: dict[int, int] | None = None
         #: (worker, last test, thread names) for units that ended with
         #: non-daemon threads still running.
         self.lingering: list[tuple[str, str, list[str]]] = []
         #: Workers in a row that died before they started a test.
         self._stillborn = 0
         self._spawned = 0
-        self._admission_gave_up = False
         self._parent_pid = os.getpid()
         self._prctl = _load_prctl()
-
-    # -- units and plans -------------------------------------------------
-
-    def unit_key(self, item: pytest.Item) -> Hashable:
-        """Items with equal keys, next to each other, share a worker."""
-        mode = self.settings.mode
-        overrides = overrides_of(item)
-        if mode == "test" or overrides.needs_own_worker:
-            return item
-        if mode == "module":
-            return item.getparent(pytest.File) or item.parent  # type: ignore[type-abstract]
-        if mode == "marked" and overrides.marked:
-            return item
-        return "shared"
-
-    def limits_for(self, label: str, plan: list[pytest.Item]) -> worker.Limits:
-        settings = self.settings
-        budget, ceiling = settings.budget_bytes, settings.ceiling_bytes
-        if len(plan) == 1:
-            own = overrides_of(plan[0]).budget_bytes
-            if own is not None:
-                budget = ceiling = own
-        return worker.Limits(
-            label, budget, ceiling, settings.growth_limit_bytes, settings.timeout_s
-        )
-
-    def _position(self, item: pytest.Item) -> int | None:
-        if self._positions is None:
-            self._positions = {id(it): i for i, it in enumerate(item.session.items)}
-        return self._positions.get(id(item))
-
-    def plan_for(self, item: pytest.Item, nextitem: pytest.Item | None) -> list[pytest.Item]:
-        """The items a new worker runs: ``item`` and the ones after it in the
-        same unit, as long as the run order is the collection order.
-
-        A module's items are consecutive; the shared unit of ``marked`` and
-        ``shared`` may have gaps, where tests of their own run in between."""
-        plan = [item]
-        start = self._position(item)
-        items = item.session.items
-        if start is None or nextitem is None:
-            return plan
-        following = start + 1
-        if following >= len(items) or items[following] is not nextitem:
-            return plan
-        key = self.unit_key(item)
-        if key != "shared":
-            while following < len(items) and self.unit_key(items[following]) == key:
-                plan.append(items[following])
-                following += 1
-            return plan
-        plan.extend(it for it in items[following:] if self.unit_key(it) == key)
-        return plan
-
-    def gaps_in(self, plan: list[pytest.Item]) -> frozenset[int]:
-        positions = [self._position(item) for item in plan]
-        return frozenset(
-            i
-            for i in range(1, len(plan))
-            if positions[i] is None or positions[i] != (positions[i - 1] or 0) + 1
-        )
 
     # -- hooks -----------------------------------------------------------
 
@@ -323,18 +256,9 @@ class Controller:
                 if proc is not None:
                     self._retire(proc)
                 proc = self._spawn()
-            plan = [item] if self.feeding else self.plan_for(item, nextitem)
-            orders = worker.Orders(
-                plan=[self._position(it) or 0 for it in plan],
-                gaps=self.gaps_in(plan),
-                open_ended=self.feeding,
-                limits=dataclasses.replace(
-                    self.limits_for(proc.label, plan), fault_fd=proc.fault_fd
-                ),
-                testsfailed=testsfailed,
-                gc_stats=self.settings.gc_stats,
-            )
-            self._admit(orders.limits.budget_bytes)
+            plan = self.schedule.plan_for(item, nextitem)
+            orders = self.schedule.orders_for(plan, proc.label, proc.fault_fd, testsfailed)
+            self.schedule.admit(orders)
             proc.go(orders, plan)
         self._feed(proc, item, nextitem)
         self.current = proc
@@ -343,43 +267,16 @@ class Controller:
             self.standby = self._spawn()
         return proc
 
-    def _admit(self, budget: int | None) -> None:
-        """Start a unit only when the machine has its budget of memory free.
-
-        Other processes (pytest-xdist's other workers, other jobs on the CI
-        box) may hold it; their units end, so waiting is usually short. After
-        ``isolate_admission_wait`` seconds the unit starts anyway: a stuck
-        run would help no one.
-        """
-        if budget is None or self._admission_gave_up or available_bytes() >= budget:
-            return
-        if budget > total_bytes():
-            # Never satisfiable here: waiting would only slow every unit down.
-            self._admission_gave_up = True
-            return
-        self.memory.admission_waits += 1
-        deadline = time.monotonic() + self.settings.admission_wait_s
-        while time.monotonic() < deadline:
-            # Memory freed elsewhere sends no event we could wait on.
-            time.sleep(_ADMISSION_POLL_S)
-            if available_bytes() >= budget:
-                return
-        # Waited the whole time and nothing was freed: whatever holds the
-        # memory is not ending, and waiting again for every unit would only
-        # turn a tight machine into a stalled run.
-        self._admission_gave_up = True
-
     def _feed(self, proc: WorkerProcess, item: pytest.Item, nextitem: pytest.Item | None) -> None:
         """Under pytest-xdist the run order is known one item at a time: tell
         the worker what follows ``item`` in its unit, or that the unit ends."""
         if not proc.open_ended or proc.plan[-1] is not item:
             return
-        if nextitem is not None and self.unit_key(nextitem) == self.unit_key(item):
-            position = self._position(nextitem)
-            if position is not None:
-                proc.plan.append(nextitem)
-                proc.tell("next", position)
-                return
+        position = self.schedule.continues(item, nextitem)
+        if nextitem is not None and position is not None:
+            proc.plan.append(nextitem)
+            proc.tell("next", position)
+            return
         proc.open_ended = False
         proc.tell("end")
 

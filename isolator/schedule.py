@@ -1,0 +1,161 @@
+"""Runs in the controller: which tests share a worker, and why.
+
+A *unit* is a run of items that share one worker: a test module under
+``--isolate=module``, one test under ``--isolate=test`` (or when its marker
+asks for a budget of its own), and under ``marked`` and ``shared`` one worker
+for every test that is not marked, recycled on its budget. Items with equal
+:meth:`Schedule.unit_key` that follow one another in the run order go to the
+same worker; its *plan* is those items, as far as the run order is known in
+advance, with *gaps* where tests of other units run in between.
+
+The schedule also decides what a worker enforces (its :class:`~isolator.worker.Limits`)
+and when it may start at all: a unit with a budget waits for the machine to
+have that much memory free (*admission*).
+
+The controller asks; it forks, feeds, replays and reaps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Hashable
+
+import pytest
+
+from isolator import worker
+from isolator.memory import available_bytes, total_bytes
+from isolator.settings import Settings, overrides_of
+from isolator.stats import RunMemory
+
+#: How often a unit waiting for memory looks again.
+_ADMISSION_POLL_S = 0.05
+
+
+class Schedule:
+    """Units, plans, limits and admission for one pytest process."""
+
+    def __init__(self, settings: Settings, memory: RunMemory, *, feeding: bool) -> None:
+        self.settings = settings
+        #: Where admission waits are counted.
+        self.memory = memory
+        #: Under pytest-xdist the run order is known one item at a time, so
+        #: workers are fed their unit item by item instead of planned ahead.
+        self.feeding = feeding
+        self._positions: dict[int, int] | None = None
+        self._admission_gave_up = False
+
+    # -- units and plans -------------------------------------------------
+
+    def unit_key(self, item: pytest.Item) -> Hashable:
+        """Items with equal keys, next to each other, share a worker."""
+        mode = self.settings.mode
+        overrides = overrides_of(item)
+        if mode == "test" or overrides.needs_own_worker:
+            return item
+        if mode == "module":
+            return item.getparent(pytest.File) or item.parent  # type: ignore[type-abstract]
+        if mode == "marked" and overrides.marked:
+            return item
+        return "shared"
+
+    def position(self, item: pytest.Item) -> int | None:
+        """Where ``item`` is in ``session.items`` (the worker's copy has the same)."""
+        if self._positions is None:
+            self._positions = {id(it): i for i, it in enumerate(item.session.items)}
+        return self._positions.get(id(item))
+
+    def plan_for(self, item: pytest.Item, nextitem: pytest.Item | None) -> list[pytest.Item]:
+        """The items a new worker runs: ``item`` and the ones after it in the
+        same unit, as long as the run order is the collection order.
+
+        A module's items are consecutive; the shared unit of ``marked`` and
+        ``shared`` may have gaps, where tests of their own run in between."""
+        plan = [item]
+        if self.feeding:
+            return plan
+        start = self.position(item)
+        items = item.session.items
+        if start is None or nextitem is None:
+            return plan
+        following = start + 1
+        if following >= len(items) or items[following] is not nextitem:
+            return plan
+        key = self.unit_key(item)
+        if key != "shared":
+            while following < len(items) and self.unit_key(items[following]) == key:
+                plan.append(items[following])
+                following += 1
+            return plan
+        plan.extend(it for it in items[following:] if self.unit_key(it) == key)
+        return plan
+
+    def gaps_in(self, plan: list[pytest.Item]) -> frozenset[int]:
+        positions = [self.position(item) for item in plan]
+        return frozenset(
+            i
+            for i in range(1, len(plan))
+            if positions[i] is None or positions[i] != (positions[i - 1] or 0) + 1
+        )
+
+    def continues(self, item: pytest.Item, nextitem: pytest.Item | None) -> int | None:
+        """Under pytest-xdist: the position of ``nextitem`` if it belongs to
+        ``item``'s unit (the worker running ``item`` runs it next), else None."""
+        if nextitem is None or self.unit_key(nextitem) != self.unit_key(item):
+            return None
+        return self.position(nextitem)
+
+    # -- what a worker enforces ----------------------------------------------
+
+    def limits_for(self, label: str, plan: list[pytest.Item]) -> worker.Limits:
+        settings = self.settings
+        budget, ceiling = settings.budget_bytes, settings.ceiling_bytes
+        if len(plan) == 1:
+            own = overrides_of(plan[0]).budget_bytes
+            if own is not None:
+                budget = ceiling = own
+        return worker.Limits(
+            label, budget, ceiling, settings.growth_limit_bytes, settings.timeout_s
+        )
+
+    def orders_for(
+        self, plan: list[pytest.Item], label: str, fault_fd: int, testsfailed: int
+    ) -> worker.Orders:
+        """What worker ``label`` is told when it starts ``plan``."""
+        return worker.Orders(
+            plan=[self.position(it) or 0 for it in plan],
+            gaps=self.gaps_in(plan),
+            open_ended=self.feeding,
+            limits=dataclasses.replace(self.limits_for(label, plan), fault_fd=fault_fd),
+            testsfailed=testsfailed,
+            gc_stats=self.settings.gc_stats,
+        )
+
+    # -- admission -------------------------------------------------------
+
+    def admit(self, orders: worker.Orders) -> None:
+        """Start a unit only when the machine has its budget of memory free.
+
+        Other processes (pytest-xdist's other workers, other jobs on the CI
+        box) may hold it; their units end, so waiting is usually short. After
+        ``isolate_admission_wait`` seconds the unit starts anyway: a stuck
+        run would help no one.
+        """
+        budget = orders.limits.budget_bytes
+        if budget is None or self._admission_gave_up or available_bytes() >= budget:
+            return
+        if budget > total_bytes():
+            # Never satisfiable here: waiting would only slow every unit down.
+            self._admission_gave_up = True
+            return
+        self.memory.admission_waits += 1
+        deadline = time.monotonic() + self.settings.admission_wait_s
+        while time.monotonic() < deadline:
+            # Memory freed elsewhere sends no event we could wait on.
+            time.sleep(_ADMISSION_POLL_S)
+            if available_bytes() >= budget:
+                return
+        # Waited the whole time and nothing was freed: whatever holds the
+        # memory is not ending, and waiting again for every unit would only
+        # turn a tight machine into a stalled run.
+        self._admission_gave_up = True
