@@ -32,7 +32,7 @@ from collections.abc import Callable
 import pytest
 from pluggy import HookRelay
 
-from isolator import compat, faults, worker
+from isolator import compat, faults, history, worker
 from isolator.process import WorkerProcess
 from isolator.schedule import Schedule
 from isolator.settings import Settings, overrides_key, overrides_of, read_marker
@@ -83,8 +83,12 @@ class Controller:
         self.in_worker = False
         #: The run was interrupted (Ctrl-C, SIGTERM).
         self.interrupted = False
+        #: What each test needed last run, and why there is no such history.
+        self.history, self.history_note = history.load(config)
         #: Which tests share a worker, what it enforces, when it may start.
-        self.schedule = Schedule(settings, self.memory, feeding=hasattr(config, "workerinput"))
+        self.schedule = Schedule(
+            settings, self.memory, feeding=hasattr(config, "workerinput"), history=self.history
+        )
         self.session: pytest.Session
         #: (worker, last test, thread names) for units that ended with
         #: non-daemon threads still running.
@@ -140,6 +144,22 @@ class Controller:
     def pytest_timeout_cancel_timer(self) -> bool | None:
         return None if self.in_worker else True
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.history_note and self.settings.mode == "auto":
+            # Said up front: without history, auto is shared.
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            line = f"isolator: {self.history_note}; --isolate=auto runs as --isolate=shared"
+            if reporter is not None:
+                reporter.write_line(line)
+            else:
+                sys.stderr.write(line + "\n")
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: object) -> None:
+        """pytest-xdist: each node schedules from the history loaded here."""
+        history.ship(node, self.history)
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: object, error: object) -> None:
         """pytest-xdist: a node finished; take in its workers' figures."""
@@ -161,11 +181,20 @@ class Controller:
             workeroutput["isolator_memory"] = self.memory.to_dict()
             workeroutput["isolator_lingering"] = self.lingering
             return (yield)
+        if self.history is not None:
+            history.record(
+                self.config,
+                self.history,
+                self.memory,
+                self.settings.change_min_bytes,
+                self.settings.change_min_percent,
+            )
         settings = {
             "mode": self.settings.mode,
             "budget_bytes": self.settings.budget_bytes,
             "ceiling_bytes": self.settings.ceiling_bytes,
             "growth_limit_bytes": self.settings.growth_limit_bytes,
+            "auto_threshold_bytes": self.settings.auto_threshold_bytes,
         }
         try:
             if self.settings.report_path:
@@ -196,14 +225,23 @@ class Controller:
                     f"threads still running: {', '.join(names)}"
                 )
         lines = self.memory.summary_lines(self.settings.top)
-        if not lines:
-            return
-        terminalreporter.write_sep("=", "isolator: memory")
-        for line in lines:
-            terminalreporter.write_line(line)
-        for path, what in ((self.settings.report_path, "JSON"), (self.settings.html_path, "HTML")):
-            if path:
-                terminalreporter.write_line(f"memory report ({what}): {path}")
+        if lines:
+            terminalreporter.write_sep("=", "isolator: memory")
+            for line in lines:
+                terminalreporter.write_line(line)
+            for path, what in (
+                (self.settings.report_path, "JSON"),
+                (self.settings.html_path, "HTML"),
+            ):
+                if path:
+                    terminalreporter.write_line(f"memory report ({what}): {path}")
+        changes = self.memory.change_lines(
+            self.settings.change_min_bytes, self.settings.change_min_percent, self.settings.top
+        )
+        if changes:
+            terminalreporter.write_sep("=", "isolator: memory changes since the last run")
+            for line in changes:
+                terminalreporter.write_line(line)
 
     @pytest.hookimpl
     def pytest_keyboard_interrupt(self) -> None:
@@ -258,7 +296,8 @@ class Controller:
                 proc = self._spawn()
             plan = self.schedule.plan_for(item, nextitem)
             orders = self.schedule.orders_for(plan, proc.label, proc.fault_fd, testsfailed)
-            self.schedule.admit(orders)
+            self.schedule.admit(plan, orders)
+            self.memory.worker_unit(proc.label, self.schedule.unit_of(item))
             proc.go(orders, plan)
         self._feed(proc, item, nextitem)
         self.current = proc
@@ -275,7 +314,7 @@ class Controller:
         position = self.schedule.continues(item, nextitem)
         if nextitem is not None and position is not None:
             proc.plan.append(nextitem)
-            proc.tell("next", position)
+            proc.tell("next", position, self.schedule.recorded_peak(nextitem))
             return
         proc.open_ended = False
         proc.tell("end")

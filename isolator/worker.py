@@ -16,8 +16,9 @@ touches the cache.
 
 The worker also keeps its memory in check: an RLIMIT_AS ceiling set when it
 starts, and at every test boundary a look at its own memory (RSS growth over
-its start); when the next test would likely take it over budget it tears
-down everything it set up, within that test's teardown, and leaves.
+its start); when the next test would likely take it over budget (by what that
+test needed last run, or else by the largest step a test took here so far)
+it tears down everything it set up, within that test's teardown, and leaves.
 
 The worker never returns into pytest: it leaves with ``os._exit`` so that
 nothing the parent set up (session finish hooks, atexit handlers, a
@@ -107,6 +108,8 @@ class WorkerPlugin:
         #: Largest growth one test has caused in this worker, RSS and address space.
         self._step_rss = 0
         self._step_vm = 0
+        #: Own peak each test of the unit had last run (by node ID), where known.
+        self.recorded_peaks: dict[str, int] = {}
         #: Why this worker ends early, once it knows it will.
         self.recycle_reason: str | None = None
         #: The running test's time limit, if it has one.
@@ -255,7 +258,7 @@ class WorkerPlugin:
         self._step_rss = max(self._step_rss, end.rss_bytes - after_setup.rss_bytes)
         self._step_vm = max(self._step_vm, end.vm_bytes - after_setup.vm_bytes)
         if nextitem is not None and self.recycle_reason is None:
-            self.recycle_reason = self._over_budget(end)
+            self.recycle_reason = self._over_budget(end, nextitem)
         if self.recycle_reason is not None and nextitem is not None:
             # Leave at this boundary: tear down what this worker set up
             # (module and session fixtures too) inside this test's teardown,
@@ -264,28 +267,37 @@ class WorkerPlugin:
         self._check_growth(item, end)
         return result
 
-    def _over_budget(self, now: memory.Sample) -> str | None:
-        """Why the next test would likely take this worker over its limits.
+    def _over_budget(self, now: memory.Sample, nextitem: pytest.Item) -> str | None:
+        """Why ``nextitem`` would likely take this worker over its limits.
 
-        The next test is assumed to grow the worker as much as the largest
-        test so far did, so a suite that leaks a little per test is recycled
-        before the ceiling fails one of its tests.
+        The next test is expected to need what it needed last run (its
+        recorded own peak) or, when that is not known, to grow the worker as
+        much as the largest test so far did, so a suite that leaks a little
+        per test is recycled before the ceiling fails one of its tests.
         """
+        recorded = self.recorded_peaks.get(nextitem.nodeid)
+        if recorded is None:
+            step_rss, step_vm = self._step_rss, self._step_vm
+            why = "for the next test"
+        else:
+            # Address space grows at least as much as resident memory does.
+            step_rss, step_vm = recorded, max(self._step_vm, recorded)
+            why = f"that {nextitem.name} needed last run"
         budget = self.limits.budget_bytes
         if budget is not None:
             own = now.rss_bytes - self.base.rss_bytes
-            if own + self._step_rss > budget:
+            if own + step_rss > budget:
                 return (
-                    f"over budget: {format_size(own)} own memory + {format_size(self._step_rss)} "
-                    f"for the next test > {format_size(budget)}"
+                    f"over budget: {format_size(own)} own memory + {format_size(step_rss)} "
+                    f"{why} > {format_size(budget)}"
                 )
         ceiling = self.limits.ceiling_bytes
         if ceiling is not None:
             mapped = now.vm_bytes - self.base.vm_bytes
-            if mapped + self._step_vm > ceiling:
+            if mapped + step_vm > ceiling:
                 return (
-                    f"near ceiling: {format_size(mapped)} mapped + {format_size(self._step_vm)} "
-                    f"for the next test > {format_size(ceiling)}"
+                    f"near ceiling: {format_size(mapped)} mapped + {format_size(step_vm)} "
+                    f"{why} > {format_size(ceiling)}"
                 )
         return None
 
@@ -373,6 +385,8 @@ class Orders:
     testsfailed: int
     #: Report the garbage collector's work over the unit.
     gc_stats: bool = False
+    #: Own peak of the plan's tests last run (by position), where known.
+    recorded_peaks: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 class Line:
@@ -407,13 +421,15 @@ class Line:
         self.session.testsfailed = message[1]
         return True
 
-    def following(self) -> int | None:
-        """The position of the item after the current one, None if the unit ends."""
+    def following(self) -> tuple[int, int | None] | None:
+        """The position of the item after the current one and its own peak
+        last run (if known); None if the unit ends."""
         message = self._next()
         if message is None or message[0] == "end":
             return None
         index: int = message[1]
-        return index
+        recorded: int | None = message[2]
+        return index, recorded
 
 
 def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -> NoReturn:
@@ -423,6 +439,8 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
     items = session.items
     plan = [items[index] for index in orders.plan]
     open_ended = orders.open_ended
+    for position, peak in orders.recorded_peaks.items():
+        plugin.recorded_peaks[items[position].nodeid] = peak
     try:
         index = 0
         while index < len(plan):
@@ -437,7 +455,10 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
                 if following is None:
                     open_ended = False
                 else:
-                    plan.append(items[following])
+                    position, recorded = following
+                    plan.append(items[position])
+                    if recorded is not None:
+                        plugin.recorded_peaks[items[position].nodeid] = recorded
             nextitem = plan[index + 1] if index + 1 < len(plan) else None
             item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
             if session.shouldfail or session.shouldstop or plugin.recycle_reason:
