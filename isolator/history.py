@@ -74,14 +74,20 @@ class History:
 
     def __init__(self, tests: dict[str, Recorded] | None = None) -> None:
         self.tests: dict[str, Recorded] = dict(tests or {})
-        self.modules: dict[str, tuple[int, int, int]] = {}
+
+    def module_totals(self) -> dict[str, tuple[int, int, int]]:
+        """Per module: the largest own peak of its tests, what they keep in
+        all, and how many they are (for readers of the cache; scheduling
+        reads the tests, which are current where these may not be)."""
+        totals: dict[str, tuple[int, int, int]] = {}
         for nodeid, recorded in self.tests.items():
-            peak, kept, count = self.modules.get(module_of(nodeid), (0, 0, 0))
-            self.modules[module_of(nodeid)] = (
+            peak, kept, count = totals.get(module_of(nodeid), (0, 0, 0))
+            totals[module_of(nodeid)] = (
                 max(peak, recorded.peak_bytes),
                 kept + max(recorded.growth_bytes, 0),
                 count + 1,
             )
+        return totals
 
     def __len__(self) -> int:
         return len(self.tests)
@@ -90,28 +96,25 @@ class History:
         recorded = self.tests.get(nodeid)
         return None if recorded is None else recorded.peak_bytes
 
-    def module_need(self, nodeid: str) -> int | None:
-        """What a worker running all of ``nodeid``'s module is known to need."""
-        totals = self.modules.get(module_of(nodeid))
-        return None if totals is None else totals[0] + totals[1]
-
     # -- stored form -----------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
-        """The stored form (also what pytest-xdist nodes are sent): plain
-        JSON, ``tests`` as ``nodeid: [peak_bytes, growth_bytes]``."""
-        return {
+    def to_dict(self, *, modules: bool = True) -> dict[str, Any]:
+        """The stored form (without ``modules``, what pytest-xdist nodes are
+        sent): plain JSON, ``tests`` as ``nodeid: [peak_bytes, growth_bytes]``."""
+        data: dict[str, Any] = {
             "format": FORMAT,
             "measure": MEASURE,
             "tests": {
                 nodeid: [recorded.peak_bytes, recorded.growth_bytes]
                 for nodeid, recorded in sorted(self.tests.items())
             },
-            "modules": {
-                module: {"peak_bytes": peak, "growth_bytes": kept, "tests": count}
-                for module, (peak, kept, count) in sorted(self.modules.items())
-            },
         }
+        if modules:
+            data["modules"] = {
+                module: {"peak_bytes": peak, "growth_bytes": kept, "tests": count}
+                for module, (peak, kept, count) in sorted(self.module_totals().items())
+            }
+        return data
 
     @classmethod
     def from_dict(cls, data: object) -> History | None:
@@ -213,7 +216,7 @@ def ship(node: object, history: History | None) -> None:
     """pytest-xdist: send a node the history, with its start-up input."""
     workerinput = getattr(node, "workerinput", None)
     if history is not None and isinstance(workerinput, dict):
-        workerinput[WORKERINPUT_KEY] = history.to_dict()
+        workerinput[WORKERINPUT_KEY] = history.to_dict(modules=False)
 
 
 def record(

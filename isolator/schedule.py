@@ -126,12 +126,24 @@ class Schedule:
             return plan
         key = self.unit_key(item)
         if key != "shared":
-            while following < len(items) and self.unit_key(items[following]) == key:
-                plan.append(items[following])
-                following += 1
-            return plan
+            return self._run_of(item)
         plan.extend(it for it in items[following:] if self.unit_key(it) == key)
         return plan
+
+    def _run_of(self, item: pytest.Item) -> list[pytest.Item]:
+        """``item`` and the items right after it in the collection order that
+        share its unit (all of a module's, from ``item`` on)."""
+        run = [item]
+        start = self.position(item)
+        if start is None:
+            return run
+        items = item.session.items
+        key = self.unit_key(item)
+        following = start + 1
+        while following < len(items) and self.unit_key(items[following]) == key:
+            run.append(items[following])
+            following += 1
+        return run
 
     def gaps_in(self, plan: list[pytest.Item]) -> frozenset[int]:
         positions = [self.position(item) for item in plan]
@@ -193,8 +205,8 @@ class Schedule:
             # Fed item by item: which tests this worker will run is not known.
             return budget
         if self.feeding and unit == "module":
-            need = history.module_need(plan[0].nodeid)
-            return budget if need is None else min(need, budget)
+            # Fed item by item: the node may get the rest of the module.
+            plan = self._run_of(plan[0])
         figures: list[Recorded] = []
         for item in plan:
             recorded = history.tests.get(item.nodeid)

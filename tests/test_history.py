@@ -215,8 +215,12 @@ def test_a_leaky_shared_worker_does_not_make_its_late_tests_look_heavy(
     assert set(_units(_report(report_path)).values()) == {"shared"}
 
 
+@pytest.mark.parametrize("xdist", [False, True], ids=["alone", "xdist"])
 def test_history_recycles_before_a_test_that_would_go_over_budget(
-    pytester: pytest.Pytester, isolated: IsolatedRunner
+    pytester: pytest.Pytester,
+    isolated: IsolatedRunner,
+    monkeypatch: pytest.MonkeyPatch,
+    xdist: bool,
 ) -> None:
     pytester.makepyfile(
         test_order="""
@@ -224,21 +228,30 @@ def test_history_recycles_before_a_test_that_would_go_over_budget(
 
             KEPT = []
 
+            def record():
+                with open(os.environ["PIDS_FILE"], "a") as f:
+                    f.write(f"{os.getpid()}\\n")
+
             def test_keeps_100mb():
                 KEPT.append(b"k" * (100 * 1000**2))
-                print("pid", os.getpid())
+                record()
 
             def test_peaks_200mb():
                 data = b"p" * (200 * 1000**2)
                 assert data
-                print("pid", os.getpid())
+                record()
         """
     )
+    pids = pytester.path / "pids.txt"
+    monkeypatch.setenv("PIDS_FILE", str(pids))
+    # Under pytest-xdist the worker is fed item by item, each with its figure.
+    args = ["shared", "--worker-mem=250MB", *(["-n", "2", "--dist", "loadfile"] if xdist else [])]
     # Run 1 records (no ceiling): test_peaks_200mb needed 200MB on top of the
     # 100MB its worker held, over the 250MB budget.
-    isolated.run("shared", "--worker-mem=250MB", "--worker-ceiling=none").assert_outcomes(passed=2)
+    isolated.run(*args, "--worker-ceiling=none").assert_outcomes(passed=2)
     # Run 2: the worker is recycled before that test, which then fits.
-    result = isolated.run("shared", "--worker-mem=250MB", "-s")
+    pids.unlink()
+    result = isolated.run(*args)
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(
         [
@@ -246,12 +259,11 @@ def test_history_recycles_before_a_test_that_would_go_over_budget(
             "last run > 250MB"
         ]
     )
-    pids = re.findall(r"pid (\d+)", result.stdout.str())
-    assert len(pids) == 2
-    assert pids[0] != pids[1]
+    first, second = pids.read_text().split()
+    assert first != second
     # Without the history the worker guesses from the last step (100MB), runs
     # the test where it is, and the ceiling fails it.
-    forgotten = isolated.run("shared", "--worker-mem=250MB", "--cache-clear")
+    forgotten = isolated.run(*args, "--cache-clear")
     forgotten.assert_outcomes(passed=1, failed=1)
     forgotten.stdout.fnmatch_lines(["*MemoryError: worker w1 is limited to 250MB*"])
 
@@ -264,25 +276,40 @@ def test_admission_waits_for_what_the_unit_needed_last_run(
     xdist: bool,
 ) -> None:
     pytester.makepyfile(
-        test_one="def test_one():\n    pass\n",
-        test_two="def test_two():\n    data = b'x' * (20 * 1000**2)\n    assert data\n",
+        test_light="def test_one():\n    pass\n\ndef test_two():\n    pass\n",
+        test_mixed="""
+            def test_first():
+                pass
+
+            def test_second_needs_120mb():
+                data = b"x" * (120 * 1000**2)
+                assert data
+        """,
     )
     available = pytester.path / "available"
     monkeypatch.setenv("ISOLATOR_AVAILABLE_MEMORY_FILE", str(available))
     pytester.makeini("[pytest]\nisolate_admission_wait = 0.2\n")
     args = ["module", "--worker-mem=512MB"]
     if xdist:
+        # Fed item by item: what the module needs comes from all its tests,
+        # not only the first one the node was given.
         args += ["-n", "2", "--dist", "loadfile"]
     available.write_text(str(100 * 1000**3))
-    isolated.run(*args).assert_outcomes(passed=2)
-    # 100MB free: less than the budget, more than either module needed.
+    isolated.run(*args).assert_outcomes(passed=4)
+    waited = "* times a worker waited for the machine to have its budget*"
+    # 100MB free: less than the budget, more than the light module needed...
     available.write_text(str(100 * MB))
-    known = isolated.run(*args)
-    known.assert_outcomes(passed=2)
-    assert "waited for the machine" not in known.stdout.str()
-    forgotten = isolated.run(*args, "--cache-clear")
+    light = isolated.run(*args, "test_light.py")
+    light.assert_outcomes(passed=2)
+    assert "waited for the machine" not in light.stdout.str()
+    # ...and less than the mixed one did.
+    mixed = isolated.run(*args, "test_mixed.py")
+    mixed.assert_outcomes(passed=2)
+    mixed.stdout.fnmatch_lines([waited])
+    # Not known: the whole budget.
+    forgotten = isolated.run(*args, "test_light.py", "--cache-clear")
     forgotten.assert_outcomes(passed=2)
-    forgotten.stdout.fnmatch_lines(["* times a worker waited for the machine to have its budget*"])
+    forgotten.stdout.fnmatch_lines([waited])
 
 
 def test_xdist_nodes_histories_are_merged_and_shipped_back(
