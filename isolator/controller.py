@@ -31,7 +31,6 @@ import time
 import warnings
 from collections.abc import Callable
 
-import psutil
 import pytest
 from pluggy import HookRelay
 
@@ -374,8 +373,7 @@ class Controller:
         for pid in leftovers.children():
             if pid in workers:
                 continue
-            process = psutil.Process(pid)
-            tag = leftovers.environ_of(process).get(leftovers.TAG, "")
+            tag = leftovers.environ_of(leftovers.process(pid)).get(leftovers.TAG, "")
             if tag.startswith(f"{self._token} "):
                 blame[pid] = tag.split(" ", 1)[1]
             elif not (proc is not None and self._cmdline and _cmdline_of(pid) == self._cmdline):

@@ -46,9 +46,8 @@ import time
 import traceback
 import warnings
 from collections.abc import Generator
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import psutil
 import pytest
 
 from isolator import leftovers, memory
@@ -56,6 +55,9 @@ from isolator.beacon import Beacon
 from isolator.settings import overrides_of
 from isolator.sizes import format_size
 from isolator.wire import Receiver, Sender
+
+if TYPE_CHECKING:
+    import psutil
 
 #: Hooks whose implementations report or record results; in a worker these
 #: reach only the worker plugin (see the invariant above).
