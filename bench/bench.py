@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,14 +28,20 @@ class Variant:
     name: str
     args: list[str]
     times: list[float] = field(default_factory=list)
+    #: Run with pytest's cache (the memory history lives there).
+    cache: bool = False
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
 
 
-def run_once(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> float:
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+def run_once(
+    cwd: Path, args: list[str], env: dict[str, str] | None = None, cache: bool = False
+) -> float:
+    # Without pytest's cache unless asked: nothing a run writes steers the next.
+    command = [sys.executable, "-m", "pytest", "-q", *([] if cache else ["-p", "no:cacheprovider"])]
+    command += args
     start = time.perf_counter()
     completed = subprocess.run(
         command, cwd=cwd, capture_output=True, text=True, check=False, env=env
@@ -49,26 +56,26 @@ def run_once(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> f
 def measure(cwd: Path, variants: list[Variant], rounds: int) -> None:
     for _ in range(rounds):
         for variant in variants:
-            variant.times.append(run_once(cwd, variant.args))
+            variant.times.append(run_once(cwd, variant.args, cache=variant.cache))
 
 
 def report(title: str, variants: list[Variant], baseline: Variant | None, tests: int) -> None:
     plain = variants[0]
     print(f"\n{title}")
     if not tests:
-        print(f"  {'variant':<28} {'median':>9} {'vs plain':>9}")
+        print(f"  {'variant':<36} {'median':>9} {'vs plain':>9}")
         for variant in variants:
             ratio = variant.median / plain.median
-            print(f"  {variant.name:<28} {variant.median:>8.2f}s {ratio:>8.2f}x")
+            print(f"  {variant.name:<36} {variant.median:>8.2f}s {ratio:>8.2f}x")
         return
-    print(f"  {'variant':<28} {'median':>9} {'vs plain':>9} {'per test':>10} {'vs plain':>9}")
+    print(f"  {'variant':<36} {'median':>9} {'vs plain':>9} {'per test':>10} {'vs plain':>9}")
     base = baseline.median if baseline else 0.0
     plain_run = plain.median - base
     for variant in variants:
         run = variant.median - base
         per_test = run / tests * 1000 if tests else 0.0
         print(
-            f"  {variant.name:<28} {variant.median:>8.2f}s {variant.median / plain.median:>8.2f}x"
+            f"  {variant.name:<36} {variant.median:>8.2f}s {variant.median / plain.median:>8.2f}x"
             f" {per_test:>8.3f}ms {run / plain_run:>8.2f}x"
         )
     if baseline:
@@ -106,6 +113,47 @@ def bench_trivial(rounds: int, count: int) -> None:
     for line in floor.stdout.splitlines():
         variant, ms = line.rsplit(" ", 1)
         print(f"    {variant:<26} {float(ms):.3f}ms per test")
+
+
+HEAVY = """
+def test_heavy_{n}():
+    data = b"x" * (150 * 1000**2)
+    assert data
+"""
+
+
+def bench_auto(rounds: int, count: int) -> None:
+    """--isolate=auto on a mostly light suite: a few tests need 150MB, which
+    the history (recorded by a first run) gives workers of their own."""
+    suite = WORK / f"auto{count}"
+    if suite.exists():
+        shutil.rmtree(suite)
+    suite.mkdir(parents=True)
+    modules = 20
+    per_module = count // modules
+    for m in range(modules):
+        body = "".join(f"def test_{i}():\n    pass\n\n\n" for i in range(per_module))
+        if m % 7 == 0:
+            body += HEAVY.format(n=m)
+        (suite / f"test_m{m}.py").write_text(body)
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    auto = ["-p", "isolator", "--isolate=auto", "--worker-mem=512MB"]
+    run_once(suite, auto, cache=True)  # records the history the measured runs use
+    collect = Variant("collect only", ["--collect-only", "-p", "isolator"], cache=True)
+    variants = [
+        Variant("plain", ["-p", "isolator"], cache=True),
+        Variant("--isolate=auto --worker-mem=512MB", auto, cache=True),
+        Variant("--isolate=module", ["-p", "isolator", "--isolate=module"], cache=True),
+    ]
+    measure(suite, [collect, *variants], rounds)
+    heavy = len(range(0, modules, 7))
+    report(
+        f"{per_module * modules + heavy} tests in {modules} modules, {heavy} of them needing "
+        f"150MB, pytest's cache on ({rounds} rounds)",
+        variants,
+        collect,
+        per_module * modules + heavy,
+    )
 
 
 LEAKY = """
@@ -184,12 +232,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tests", type=int, default=2000)
-    parser.add_argument("--only", choices=["trivial", "leaky", "networkx"], default=None)
+    parser.add_argument("--only", choices=["trivial", "auto", "leaky", "networkx"], default=None)
     options = parser.parse_args()
     os.environ.pop("PYTEST_ADDOPTS", None)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
     if options.only in (None, "trivial"):
         bench_trivial(options.rounds, options.tests)
+    if options.only in (None, "auto"):
+        bench_auto(options.rounds, options.tests)
     if options.only in (None, "leaky"):
         bench_leaky()
     if options.only in (None, "networkx"):
