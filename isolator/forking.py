@@ -8,7 +8,7 @@ A 2 MB transparent huge page takes one entry instead of 512. So once, after
 collection and before the first worker is forked, the controller asks the
 kernel to collapse the anonymous memory it holds into huge pages
 (``MADV_COLLAPSE``, Linux 6.1), 2 MB extent by 2 MB extent, and only extents
-it holds whole, so that the process does not grow. Memory allocated later
+it already holds nearly whole, so that the process hardly grows. Memory allocated later
 keeps its small pages (the system's THP setting decides that, as before).
 
 What does not change: a write to a shared huge page, by a worker or by the
@@ -54,7 +54,7 @@ class Collapse:
 
     #: Bytes now held in huge pages.
     collapsed_bytes: int = 0
-    #: Wholly resident 2 MB extents the kernel would not collapse.
+    #: Resident 2 MB extents the kernel would not collapse.
     refused: int = 0
     seconds: float = 0.0
     #: Why nothing was collapsed, when huge pages are not to be had here.
@@ -132,20 +132,27 @@ def anonymous_extents(maps: str = "/proc/self/maps") -> Iterator[int]:
             yield from range((low + _HUGE - 1) & ~(_HUGE - 1), high & ~(_HUGE - 1), _HUGE)
 
 
+#: Collapsing fills the holes of an extent with zeroed pages, so the process
+#: grows: only extents at least nine tenths resident are collapsed (for the
+#: torch process, 40 MB more collapsed than with whole extents only, for 0.6
+#: MB of growth, and fork + exit cost 35% less).
+MIN_RESIDENT_PAGES = _HUGE // _PAGE * 9 // 10
+
+
 def resident_extents(libc: _Libc, extents: Iterator[int]) -> list[int]:
-    """The extents whose every page is resident: collapsing fills the holes
-    of an extent with zeroed pages, and the process would grow."""
+    """The extents of which at least ``MIN_RESIDENT_PAGES`` are resident."""
     vec = (ctypes.c_ubyte * (_HUGE // _PAGE))()
     return [
         extent
         for extent in extents
-        if libc.mincore(extent, _HUGE, vec) == 0 and all(byte & 1 for byte in vec)
+        if libc.mincore(extent, _HUGE, vec) == 0
+        and sum(byte & 1 for byte in vec) >= MIN_RESIDENT_PAGES
     ]
 
 
 def collapse_anonymous_memory(min_extents: int = MIN_EXTENTS) -> Collapse:
-    """Collapse the wholly resident anonymous memory of this process into
-    huge pages, if there are at least ``min_extents`` 2 MB extents of it."""
+    """Collapse the resident anonymous memory of this process into huge
+    pages, if there are at least ``min_extents`` 2 MB extents of it."""
     begin = time.perf_counter()
     libc = _libc()
     if libc is None:
