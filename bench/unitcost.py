@@ -104,10 +104,10 @@ class UnitCost:
             self.totals[got] = (usage.ru_utime + usage.ru_stime, float(usage.ru_minflt))
         return got, status
 
-    def exit(self, code: int) -> NoReturn:
+    def exit(self, status: int) -> NoReturn:
         if self.slot >= 0:
             self._record(32)
-        self._exit(code)
+        self._exit(status)
 
     def _record(self, offset: int) -> None:
         cpu, faults = _cpu_and_faults()
