@@ -143,6 +143,13 @@ def breakdown(cwd: Path, variants: list[Variant], python: str = sys.executable) 
             f"{data['parent_huge_kb_first_fork'] / 1024:.0f} MB, then "
             f"{data['parent_huge_kb_end'] / 1024:.0f} MB"
         )
+        if data.get("left"):
+            left = data["left"]
+            print(
+                f"    {'':<32} exit of the {left} that reached os._exit: Python "
+                f"{data['leave_cpu'] / left * 1e3:.2f} ms, then the kernel "
+                f"{data['teardown_cpu'] / left * 1e3:.2f} ms"
+            )
     print(
         "    fork: the parent's CPU in os.fork() (wall in brackets); parent: all its CPU and"
         " faults\n    per fork; start: a worker's until its first test; tests: over its tests;"
