@@ -82,6 +82,29 @@ def set_ceiling(headroom_bytes: int, start_vm_bytes: int) -> int:
     return limit
 
 
+#: Address space a worker may map past its ceiling once it has hit it, only to
+#: report that failure: pytest needs memory to format the traceback, and a
+#: worker with none left would die before the test had a verdict.
+RESERVE_BYTES = 64 << 20
+
+
+def open_reserve() -> bool:
+    """Raise the soft RLIMIT_AS by :data:`RESERVE_BYTES`; True if it was raised.
+
+    The hard limit is left where it was when the ceiling was set (usually
+    unlimited), so raising the soft one needs no privilege."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return False
+    raised = soft + RESERVE_BYTES
+    if hard != resource.RLIM_INFINITY:
+        raised = min(raised, hard)
+    if raised <= soft:
+        return False
+    resource.setrlimit(resource.RLIMIT_AS, (raised, hard))
+    return True
+
+
 def limit_malloc_arenas(count: int = 2) -> None:
     """Keep glibc from reserving 64 MB of address space per thread.
 

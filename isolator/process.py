@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pytest
 
 from isolator import faults, worker
+from isolator.beacon import Beacon
 from isolator.wire import Message, Receiver, Sender
 
 
@@ -32,6 +33,7 @@ class WorkerProcess:
         read_fd: int,
         go_fd: int,
         fault_fd: int,
+        beacon: Beacon,
     ) -> None:
         self.label = label
         self.pid = pid
@@ -53,6 +55,11 @@ class WorkerProcess:
         self.leave_reason: str | None = None
         #: The last test whose reports were replayed.
         self.last_nodeid = ""
+        #: What the worker said went wrong outside the test phases, if it did.
+        self.fault: str | None = None
+        #: Why the parent could not read what the worker sent, if it could not.
+        self.garbled: str | None = None
+        self.beacon = beacon
         self.receiver = Receiver(read_fd)
         self.go_fd = go_fd
         self.fault_fd = fault_fd
@@ -76,6 +83,21 @@ class WorkerProcess:
         read all it wrote. (A worker runs ahead of the replay, so it may
         well have exited while reports of earlier tests still wait here.)"""
         return self.exited and not self.receiver.pending()
+
+    def ending(self) -> faults.Ending:
+        """How this worker ended, once it has (see :func:`faults.how_it_ended`)."""
+        return faults.how_it_ended(
+            self.wait_status,
+            stacks=self.fault_stacks,
+            fault=self.fault,
+            pipe_lost=self.beacon.pipe_lost,
+            garbled=self.garbled,
+        )
+
+    def began(self, position: int | None) -> bool:
+        """Whether the worker began the item at ``position`` in ``session.items``
+        (it may have died before saying so on the pipe)."""
+        return position is not None and self.beacon.position == position
 
     def expects(self, item: pytest.Item) -> bool:
         return (
