@@ -33,6 +33,9 @@ WORK = ROOT / ".bench"
 TORCH = "torch==2.13.0"
 #: The newest pytest that pytest-forked still works with.
 FORKED_PYTEST = "pytest>=8.4,<8.5"
+#: Leaves the controller's memory in small pages: runs as they were before
+#: isolator collapsed it into huge pages.
+SMALL_PAGES = ["-p", "no:isolator-forking"]
 
 
 @dataclass
@@ -242,9 +245,7 @@ def bench_big(rounds: int) -> None:
         return
     suite = big_suite(100)
     base = ["-p", "isolator"]
-    # -p no:isolator-forking leaves the controller's memory in small pages:
-    # the run as it was before the collapse.
-    small = ["-p", "no:isolator-forking"]
+    small = SMALL_PAGES
     variants = [
         Variant("plain", base),
         Variant("--isolate=module", [*base, "--isolate=module"]),
@@ -338,6 +339,7 @@ def bench_networkx(rounds: int) -> None:
     variants = [
         Variant("plain", args),
         Variant("--isolate=module", [*args, "--isolate=module"]),
+        Variant("--isolate=module, small pages", [*args, *SMALL_PAGES, "--isolate=module"]),
     ]
     measure(cwd, variants, rounds)
     report(f"pytest --pyargs networkx ({rounds} rounds)", variants, None, 0)

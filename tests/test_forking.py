@@ -168,7 +168,7 @@ view = ctypes.c_char.from_buffer(area)
 address = ctypes.addressof(view)
 del view
 before = smaps_of(address)
-collapse = forking.collapse_anonymous_memory(min_extents=1)
+collapse = forking.collapse_anonymous_memory()
 after = smaps_of(address)
 json.dump({
     "huge": after["AnonHugePages"],
