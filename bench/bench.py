@@ -64,7 +64,9 @@ def run_once(
 ) -> tuple[float, float]:
     """Wall time and CPU time of one pytest run (its workers included: each
     process reaps its children, and getrusage counts what reaped children used)."""
-    command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    # pytest-randomly (a dev dependency) would shuffle the order and, with
+    # numpy installed, import numpy, faker and more into every run.
+    command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *args]
     cpu_before = _children_cpu()
     start = time.perf_counter()
     completed = subprocess.run(
