@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,8 @@ class Variant:
     args: list[str]
     times: list[float] = field(default_factory=list)
     cpus: list[float] = field(default_factory=list)
+    #: Run with pytest's cache (the memory history lives there).
+    cache: bool = False
 
     @property
     def median(self) -> float:
@@ -60,13 +63,19 @@ def _children_cpu() -> float:
 
 
 def run_once(
-    cwd: Path, args: list[str], python: str = sys.executable, env: dict[str, str] | None = None
+    cwd: Path,
+    args: list[str],
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
+    cache: bool = False,
 ) -> tuple[float, float]:
     """Wall time and CPU time of one pytest run (its workers included: each
     process reaps its children, and getrusage counts what reaped children used)."""
+    # Without pytest's cache unless asked: nothing a run writes steers the next.
     # pytest-randomly (a dev dependency) would shuffle the order and, with
     # numpy installed, import numpy, faker and more into every run.
-    command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *args]
+    command = [python, "-m", "pytest", "-q", *([] if cache else ["-p", "no:cacheprovider"])]
+    command += ["-p", "no:randomly", *args]
     cpu_before = _children_cpu()
     start = time.perf_counter()
     completed = subprocess.run(
@@ -82,7 +91,7 @@ def run_once(
 def measure(cwd: Path, variants: list[Variant], rounds: int, python: str = sys.executable) -> None:
     for _ in range(rounds):
         for variant in variants:
-            wall, cpu = run_once(cwd, variant.args, python)
+            wall, cpu = run_once(cwd, variant.args, python, cache=variant.cache)
             variant.times.append(wall)
             variant.cpus.append(cpu)
 
@@ -194,6 +203,47 @@ def bench_trivial(rounds: int, count: int) -> None:
     for line in floor.stdout.splitlines():
         variant, ms = line.rsplit(" ", 1)
         print(f"    {variant:<26} {float(ms):.3f}ms per test")
+
+
+HEAVY = """
+def test_heavy_{n}():
+    data = b"x" * (150 * 1000**2)
+    assert data
+"""
+
+
+def bench_auto(rounds: int, count: int) -> None:
+    """--isolate=auto on a mostly light suite: a few tests need 150MB, which
+    the history (recorded by a first run) gives workers of their own."""
+    suite = WORK / f"auto{count}"
+    if suite.exists():
+        shutil.rmtree(suite)
+    suite.mkdir(parents=True)
+    modules = 20
+    per_module = count // modules
+    for m in range(modules):
+        body = "".join(f"def test_{i}():\n    pass\n\n\n" for i in range(per_module))
+        if m % 7 == 0:
+            body += HEAVY.format(n=m)
+        (suite / f"test_m{m}.py").write_text(body)
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    auto = ["-p", "isolator", "--isolate=auto", "--worker-mem=512MB"]
+    run_once(suite, auto, cache=True)  # records the history the measured runs use
+    collect = Variant("collect only", ["--collect-only", "-p", "isolator"], cache=True)
+    variants = [
+        Variant("plain", ["-p", "isolator"], cache=True),
+        Variant("--isolate=auto --worker-mem=512MB", auto, cache=True),
+        Variant("--isolate=module", ["-p", "isolator", "--isolate=module"], cache=True),
+    ]
+    measure(suite, [collect, *variants], rounds)
+    heavy = len(range(0, modules, 7))
+    report(
+        f"{per_module * modules + heavy} tests in {modules} modules, {heavy} of them needing "
+        f"150MB, pytest's cache on ({rounds} rounds)",
+        variants,
+        collect,
+        per_module * modules + heavy,
+    )
 
 
 def bench_venv(name: str, packages: list[str]) -> tuple[str | None, str]:
@@ -354,7 +404,7 @@ def bench_networkx(rounds: int) -> None:
     report(f"pytest --pyargs networkx -n 2 --dist loadfile ({rounds} rounds)", variants, None, 0)
 
 
-CASES = ("trivial", "big", "forked", "leaky", "networkx")
+CASES = ("trivial", "auto", "big", "forked", "leaky", "networkx")
 
 
 def main() -> None:
@@ -369,6 +419,8 @@ def main() -> None:
     print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if "trivial" in cases:
         bench_trivial(options.rounds, options.tests)
+    if "auto" in cases:
+        bench_auto(options.rounds, options.tests)
     if "big" in cases:
         bench_big(max(1, options.rounds * 3 // 5))
     if "forked" in cases:

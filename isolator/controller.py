@@ -29,48 +29,33 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Iterable
 
 import pytest
 from pluggy import HookRelay
 
-from isolator import compat, faults, leftovers, worker
+from isolator import compat, faults, history, leftovers, worker
 from isolator.beacon import Beacon
-from isolator.memory import available_bytes, total_bytes
 from isolator.process import WorkerProcess
-from isolator.settings import Settings, overrides_key, overrides_of, read_marker
+from isolator.schedule import Schedule
+from isolator.settings import Settings, overrides_key, read_marker
 from isolator.sizes import format_size
 from isolator.stats import RunMemory
 from isolator.wire import Message, Sender
 
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+#: Fixtures that make the base temp directory.
+_TEMP_FIXTURES = frozenset({"tmp_path", "tmpdir", "tmp_path_factory", "tmpdir_factory"})
 #: Workers in a row that may die before starting a test before the run stops.
 _STILLBORN_LIMIT = 3
 #: How long an interrupted worker gets to tear down before it is killed.
 _INTERRUPT_GRACE_S = 5.0
-#: How often a unit waiting for memory looks again.
-_ADMISSION_POLL_S = 0.05
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 #: Messages about one test, as opposed to the worker as a whole.
 _ITEM_MESSAGES = frozenset({"logstart", "report", "logfinish", "finished"})
 #: Item messages replayed as pytest's logging hooks.
 _LOG_MESSAGES = frozenset({"logstart", "report", "logfinish"})
-
-
-def _own_cmdline() -> bytes:
-    try:
-        with open("/proc/self/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def _cmdline_of(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -104,11 +89,13 @@ class Controller:
         self.in_worker = False
         #: The run was interrupted (Ctrl-C, SIGTERM).
         self.interrupted = False
-        #: Under pytest-xdist the run order is known one item at a time, so
-        #: workers are fed their unit item by item instead of planned ahead.
-        self.feeding = hasattr(config, "workerinput")
+        #: What each test needed last run, and why there is no such history.
+        self.history, self.history_note = history.load(config)
+        #: Which tests share a worker, what it enforces, when it may start.
+        self.schedule = Schedule(
+            settings, self.memory, feeding=hasattr(config, "workerinput"), history=self.history
+        )
         self.session: pytest.Session
-        self._positions: dict[int, int] | None = None
         #: (worker, last test, thread names) for units that ended with
         #: non-daemon threads still running.
         self.lingering: list[tuple[str, str, list[str]]] = []
@@ -118,76 +105,13 @@ class Controller:
         self.faults: list[tuple[str, str]] = []
         #: Tags this run's workers (and what they start) in their environment.
         self._token = secrets.token_hex(8)
-        self._cmdline = _own_cmdline()
-        #: The base temp directory this process made before forking, if any.
-        self._basetemp: object = None
+        #: Where Python forks below workers register (made with the first worker).
+        self._forks: leftovers.ForkRegistry | None = None
         #: Workers in a row that died before they started a test.
         self._stillborn = 0
         self._spawned = 0
-        self._admission_gave_up = False
         self._parent_pid = os.getpid()
         self._prctl = _load_prctl()
-
-    # -- units and plans -------------------------------------------------
-
-    def unit_key(self, item: pytest.Item) -> Hashable:
-        """Items with equal keys, next to each other, share a worker."""
-        mode = self.settings.mode
-        overrides = overrides_of(item)
-        if mode == "test" or overrides.needs_own_worker:
-            return item
-        if mode == "module":
-            return item.getparent(pytest.File) or item.parent  # type: ignore[type-abstract]
-        if mode == "marked" and overrides.marked:
-            return item
-        return "shared"
-
-    def limits_for(self, label: str, plan: list[pytest.Item]) -> worker.Limits:
-        settings = self.settings
-        budget, ceiling = settings.budget_bytes, settings.ceiling_bytes
-        if len(plan) == 1:
-            own = overrides_of(plan[0]).budget_bytes
-            if own is not None:
-                budget = ceiling = own
-        return worker.Limits(
-            label, budget, ceiling, settings.growth_limit_bytes, settings.timeout_s
-        )
-
-    def _position(self, item: pytest.Item) -> int | None:
-        if self._positions is None:
-            self._positions = {id(it): i for i, it in enumerate(item.session.items)}
-        return self._positions.get(id(item))
-
-    def plan_for(self, item: pytest.Item, nextitem: pytest.Item | None) -> list[pytest.Item]:
-        """The items a new worker runs: ``item`` and the ones after it in the
-        same unit, as long as the run order is the collection order.
-
-        A module's items are consecutive; the shared unit of ``marked`` and
-        ``shared`` may have gaps, where tests of their own run in between."""
-        plan = [item]
-        start = self._position(item)
-        items = item.session.items
-        if start is None or nextitem is None:
-            return plan
-        following = start + 1
-        if following >= len(items) or items[following] is not nextitem:
-            return plan
-        key = self.unit_key(item)
-        if key != "shared":
-            while following < len(items) and self.unit_key(items[following]) == key:
-                plan.append(items[following])
-                following += 1
-            return plan
-        plan.extend(it for it in items[following:] if self.unit_key(it) == key)
-        return plan
-
-    def gaps_in(self, plan: list[pytest.Item]) -> frozenset[int]:
-        positions = [self._position(item) for item in plan]
-        return frozenset(
-            i
-            for i in range(1, len(plan))
-            if positions[i] is None or positions[i] != (positions[i - 1] or 0) + 1
-        )
 
     # -- hooks -----------------------------------------------------------
 
@@ -233,37 +157,24 @@ class Controller:
         markers = self.settings.markers
         for item in session.items:
             item.stash[overrides_key] = read_marker(item, markers)
-        self._make_basetemp()
+        self._make_basetemp(session.items)
 
-    def _make_basetemp(self) -> None:
-        """Make the run's base temp directory here, before any fork, so that
-        every worker numbers its ``tmp_path`` directories in the same one (as
-        plain pytest does) instead of making one each; and so that a given
-        ``--basetemp`` (which pytest-xdist gives every node) is emptied once,
-        not again by every worker."""
-        if self.in_worker:
-            return
+    def _make_basetemp(self, items: list[pytest.Item]) -> None:
+        """Make the run's base temp directory here, before any fork, when a
+        test will use it: every worker then numbers its ``tmp_path``
+        directories in the same one (as plain pytest does) instead of making
+        one each, and a given ``--basetemp`` (pytest-xdist gives every node
+        one) is emptied once, not again by every worker. A run whose tests
+        ask for none gets none, as without isolation."""
         factory = getattr(self.config, "_tmp_path_factory", None)
         if factory is None or getattr(factory, "_basetemp", None) is not None:
+            return
+        if not any(_TEMP_FIXTURES.intersection(getattr(it, "fixturenames", ())) for it in items):
             return
         # On OSError the tests that use tmp_path get the error themselves,
         # as they would without isolation.
         with contextlib.suppress(OSError):
-            self._basetemp = factory.getbasetemp()
-
-    def _drop_unused_basetemp(self) -> None:
-        """A base temp directory no test used is removed: plain pytest would
-        not have made it, and it would take a place in the retention count."""
-        basetemp = self._basetemp
-        if basetemp is None:
-            return
-        path = str(basetemp)
-        with contextlib.suppress(OSError):
-            if not os.listdir(path):
-                os.rmdir(path)
-                current = os.path.join(os.path.dirname(path), "pytest-current")
-                if os.path.islink(current) and not os.path.exists(current):
-                    os.unlink(current)
+            factory.getbasetemp()
 
     @pytest.hookimpl(optionalhook=True, tryfirst=True)
     def pytest_timeout_set_timer(self) -> bool | None:
@@ -275,6 +186,22 @@ class Controller:
     def pytest_timeout_cancel_timer(self) -> bool | None:
         return None if self.in_worker else True
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.history_note and self.settings.mode == "auto":
+            # Said up front: without history, auto is shared.
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            line = f"isolator: {self.history_note}; --isolate=auto runs as --isolate=shared"
+            if reporter is not None:
+                reporter.write_line(line)
+            else:
+                sys.stderr.write(line + "\n")
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: object) -> None:
+        """pytest-xdist: each node schedules from the history loaded here."""
+        history.ship(node, self.history)
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: object, error: object) -> None:
         """pytest-xdist: a node finished; take in its workers' figures."""
@@ -282,18 +209,15 @@ class Controller:
         data = output.get("isolator_memory")
         if data:
             self.memory.merge(data)
-        node_id = output.get("workerid", "?")
         self.lingering.extend(
-            (f"{node_id}/{label}", nodeid, names)
-            for label, nodeid, names in output.get("isolator_lingering", [])
+            (label, nodeid, names) for label, nodeid, names in output.get("isolator_lingering", [])
         )
+        # These labels already name their node (RunMemory.name).
         self.leftovers.extend(
-            (f"{node_id}/{label}", [leftovers.Leftover(*fields) for fields in gone])
+            (label, [leftovers.Leftover(*fields) for fields in gone])
             for label, gone in output.get("isolator_leftovers", [])
         )
-        self.faults.extend(
-            (f"{node_id}/{label}", text) for label, text in output.get("isolator_faults", [])
-        )
+        self.faults.extend(output.get("isolator_faults", []))
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_sessionfinish(self) -> object:
@@ -308,14 +232,21 @@ class Controller:
                 for label, procs in self.leftovers
             ]
             workeroutput["isolator_faults"] = self.faults
-            result = yield
-            self._drop_unused_basetemp()
-            return result
+            return (yield)
+        if self.history is not None:
+            history.record(
+                self.config,
+                self.history,
+                self.memory,
+                self.settings.change_min_bytes,
+                self.settings.change_min_percent,
+            )
         settings = {
             "mode": self.settings.mode,
             "budget_bytes": self.settings.budget_bytes,
             "ceiling_bytes": self.settings.ceiling_bytes,
             "growth_limit_bytes": self.settings.growth_limit_bytes,
+            "auto_threshold_bytes": self.settings.auto_threshold_bytes,
         }
         try:
             if self.settings.report_path:
@@ -335,9 +266,7 @@ class Controller:
                 pytest.PytestWarning(f"isolator: could not write the memory report: {exc}"),
                 stacklevel=1,
             )
-        result = yield
-        self._drop_unused_basetemp()
-        return result
+        return (yield)
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if self.leftovers:
@@ -359,14 +288,23 @@ class Controller:
                     f"threads still running: {', '.join(names)}"
                 )
         lines = self.memory.summary_lines(self.settings.top)
-        if not lines:
-            return
-        terminalreporter.write_sep("=", "isolator: memory")
-        for line in lines:
-            terminalreporter.write_line(line)
-        for path, what in ((self.settings.report_path, "JSON"), (self.settings.html_path, "HTML")):
-            if path:
-                terminalreporter.write_line(f"memory report ({what}): {path}")
+        if lines:
+            terminalreporter.write_sep("=", "isolator: memory")
+            for line in lines:
+                terminalreporter.write_line(line)
+            for path, what in (
+                (self.settings.report_path, "JSON"),
+                (self.settings.html_path, "HTML"),
+            ):
+                if path:
+                    terminalreporter.write_line(f"memory report ({what}): {path}")
+        changes = self.memory.change_lines(
+            self.settings.change_min_bytes, self.settings.change_min_percent, self.settings.top
+        )
+        if changes:
+            terminalreporter.write_sep("=", "isolator: memory changes since the last run")
+            for line in changes:
+                terminalreporter.write_line(line)
 
     @pytest.hookimpl
     def pytest_keyboard_interrupt(self) -> None:
@@ -383,8 +321,12 @@ class Controller:
             if not proc.exited:
                 proc._reap()
         self.ending.clear()
-        if self._spawned:
+        if self._forks is not None:
             self._end_orphans(None)
+            self._forks.close()
+            self._forks = None
+            # pytest.main() may return into a program that is no reaper.
+            leftovers.set_subreaper(self._prctl, on=False)
 
     def _end_orphans(self, proc: WorkerProcess | None) -> None:
         """End the processes that workers left to this process (it is their
@@ -392,32 +334,39 @@ class Controller:
         ``proc`` died, or (None) at the end of the run.
 
         Only processes that provably came from a worker of this run are
-        touched: those tagged in their environment, and forks that never
-        called exec (they still run this process's command line)."""
-        workers = {p.pid for p in (self.current, self.parked, self.standby) if p is not None}
-        workers.update(p.pid for p in self.ending)
-        roots: list[int] = []
-        blame: dict[int, str] = {}
-        for pid in leftovers.children():
-            if pid in workers:
-                continue
-            tag = leftovers.environ_of(leftovers.process(pid)).get(leftovers.TAG, "")
-            if tag.startswith(f"{self._token} "):
-                blame[pid] = tag.split(" ", 1)[1]
-            elif not (proc is not None and self._cmdline and _cmdline_of(pid) == self._cmdline):
-                continue
-            roots.append(pid)
-        if not roots:
+        touched: those tagged in their environment (started with exec) and
+        those in the fork registry (Python forks); see ``leftovers``."""
+        if self._forks is None:
             return
+        blame: dict[int, str] = {}
 
-        ended = leftovers.end(
-            leftovers.descendants(roots), lambda pid, process: leftovers.test_from_environ(process)
-        )
+        def find() -> list[int]:
+            workers = {p.pid for p in (self.current, self.parked, self.standby) if p is not None}
+            workers.update(p.pid for p in self.ending)
+            roots = [
+                pid
+                for pid in leftovers.children()
+                if pid not in workers and self._worker_that_started(pid, blame)
+            ]
+            return leftovers.descendants(roots) if roots else []
+
+        ended = leftovers.end(find, lambda pid, process: leftovers.test_from_environ(process))
         by_worker: dict[str, list[leftovers.Leftover]] = {}
-        fallback = proc.label if proc is not None else "?"
         for gone in ended:
-            by_worker.setdefault(blame.get(gone.pid, fallback), []).append(gone)
+            label = blame.get(gone.pid) or (proc.label if proc is not None else "?")
+            by_worker.setdefault(self.memory.name(label), []).append(gone)
         self.leftovers.extend(by_worker.items())
+
+    def _worker_that_started(self, pid: int, blame: dict[int, str]) -> bool:
+        assert self._forks is not None
+        found = leftovers.process(pid)
+        tag = leftovers.environ_of(found).get(leftovers.TAG, "") if found is not None else ""
+        label = tag.split(" ", 1)[1] if tag.startswith(f"{self._token} ") else None
+        label = label or self._forks.worker_of(pid)
+        if label is None:
+            return False
+        blame[pid] = label
+        return True
 
     # -- workers ---------------------------------------------------------
 
@@ -454,18 +403,10 @@ class Controller:
                 if proc is not None:
                     self._retire(proc)
                 proc = self._spawn()
-            plan = [item] if self.feeding else self.plan_for(item, nextitem)
-            orders = worker.Orders(
-                plan=[self._position(it) or 0 for it in plan],
-                gaps=self.gaps_in(plan),
-                open_ended=self.feeding,
-                limits=dataclasses.replace(
-                    self.limits_for(proc.label, plan), fault_fd=proc.fault_fd
-                ),
-                testsfailed=testsfailed,
-                gc_stats=self.settings.gc_stats,
-            )
-            self._admit(orders.limits.budget_bytes)
+            plan = self.schedule.plan_for(item, nextitem)
+            orders = self.schedule.orders_for(plan, proc.label, proc.fault_fd, testsfailed)
+            self.schedule.admit(plan, orders)
+            self.memory.worker_unit(proc.label, self.schedule.unit_of(item))
             proc.go(orders, plan)
         self._feed(proc, item, nextitem)
         self.current = proc
@@ -477,43 +418,16 @@ class Controller:
                 self.standby = self._spawn()
         return proc
 
-    def _admit(self, budget: int | None) -> None:
-        """Start a unit only when the machine has its budget of memory free.
-
-        Other processes (pytest-xdist's other workers, other jobs on the CI
-        box) may hold it; their units end, so waiting is usually short. After
-        ``isolate_admission_wait`` seconds the unit starts anyway: a stuck
-        run would help no one.
-        """
-        if budget is None or self._admission_gave_up or available_bytes() >= budget:
-            return
-        if budget > total_bytes():
-            # Never satisfiable here: waiting would only slow every unit down.
-            self._admission_gave_up = True
-            return
-        self.memory.admission_waits += 1
-        deadline = time.monotonic() + self.settings.admission_wait_s
-        while time.monotonic() < deadline:
-            # Memory freed elsewhere sends no event we could wait on.
-            time.sleep(_ADMISSION_POLL_S)
-            if available_bytes() >= budget:
-                return
-        # Waited the whole time and nothing was freed: whatever holds the
-        # memory is not ending, and waiting again for every unit would only
-        # turn a tight machine into a stalled run.
-        self._admission_gave_up = True
-
     def _feed(self, proc: WorkerProcess, item: pytest.Item, nextitem: pytest.Item | None) -> None:
         """Under pytest-xdist the run order is known one item at a time: tell
         the worker what follows ``item`` in its unit, or that the unit ends."""
         if not proc.open_ended or proc.plan[-1] is not item:
             return
-        if nextitem is not None and self.unit_key(nextitem) == self.unit_key(item):
-            position = self._position(nextitem)
-            if position is not None:
-                proc.plan.append(nextitem)
-                proc.tell("next", position)
-                return
+        position = self.schedule.continues(item, nextitem)
+        if nextitem is not None and position is not None:
+            proc.plan.append(nextitem)
+            proc.tell("next", position, self.schedule.recorded_peak(nextitem))
+            return
         proc.open_ended = False
         proc.tell("end")
 
@@ -579,25 +493,50 @@ class Controller:
         gc.freeze()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        if self._spawned == 1:
+        if self._forks is None:
             # Processes that workers leave behind when they die come here,
             # not to init, so that they can be found and ended.
-            leftovers.become_subreaper(self._prctl)
-        read_fd, write_fd = os.pipe()
-        go_read, go_write = os.pipe()
-        fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
-        beacon = Beacon()
-        pid = os.fork()
-        if pid == 0:
-            os.close(go_write)
-            self._become_worker(label, read_fd, write_fd, go_read, fault_fd, beacon)
-        os.close(write_fd)
-        os.close(go_read)
-        # Also done in the worker; whichever runs first wins the race with a
-        # kill of the group.
-        with contextlib.suppress(OSError):
-            os.setpgid(pid, pid)
-        return WorkerProcess(label, pid, read_fd, go_write, fault_fd, beacon)
+            leftovers.set_subreaper(self._prctl)
+            self._forks = leftovers.ForkRegistry()
+        fds: list[int] = []
+        beacon: Beacon | None = None
+        # Ctrl-C during fork() would be raised inside an at-fork hook, where
+        # Python reports it as unraisable and drops it; held until the fork
+        # is done (the worker lets it through once its handlers are set).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            read_fd, write_fd = os.pipe()
+            fds += (read_fd, write_fd)
+            go_read, go_write = os.pipe()
+            fds += (go_read, go_write)
+            fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
+            fds.append(fault_fd)
+            beacon = Beacon()
+            pid = os.fork()
+            if pid == 0:
+                os.close(go_write)
+                self._become_worker(label, read_fd, write_fd, go_read, fault_fd, beacon, blocked)
+            os.close(write_fd)
+            os.close(go_read)
+            # Also done in the worker; whichever runs first wins the race with a
+            # kill of the group.
+            with contextlib.suppress(OSError):
+                os.setpgid(pid, pid)
+            worker_process = WorkerProcess(label, pid, read_fd, go_write, fault_fd, beacon)
+        except BaseException:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if beacon is not None:
+                beacon.close()
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        # What pytest queued in this process (unraisable exceptions, errors
+        # in threads) is the worker's to report now, once, not every later
+        # worker's again.
+        compat.clear_inherited_queues(self.config)
+        return worker_process
 
     def _become_worker(
         self,
@@ -607,6 +546,7 @@ class Controller:
         go_fd: int,
         fault_fd: int,
         beacon: Beacon,
+        sigmask: Iterable[int],
     ) -> None:
         def lost_pipe() -> None:
             beacon.lost_pipe()
@@ -623,16 +563,20 @@ class Controller:
             # with SIGINT ignored (a background job of a shell script), and
             # the worker would inherit that.
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
             os.close(read_fd)
             os.setpgid(0, 0)
             if self._prctl is not None:
                 self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != self._parent_pid:
                 os._exit(1)  # the parent died before we could ask to follow it
-            leftovers.become_subreaper(self._prctl)
-            # Inherited by whatever the tests start with exec: if this worker
-            # dies, the parent can tell its leftovers from anyone else's.
+            leftovers.set_subreaper(self._prctl)
+            # Inherited by whatever the tests start with exec, and written by
+            # every Python fork below: if this worker dies, the parent can
+            # tell its leftovers from anyone else's.
             os.environ[leftovers.TAG] = f"{self._token} {label}"
+            if self._forks is not None:
+                self._forks.watch_forks(label)
             self.plugin.beacon = beacon
             # Other workers' pipes: holding them would hide those workers' end.
             for other in (self.current, self.parked, self.standby, *self.ending):
@@ -687,7 +631,7 @@ class Controller:
             if message is None:
                 # The beacon knows a test began even when the worker died
                 # before the word reached the pipe.
-                began = started or proc.began(self._position(item))
+                began = started or proc.began(self.schedule.position(item))
                 if proc.done and not began:
                     return False
                 # Died before this test began: between two tests, or before
@@ -766,7 +710,7 @@ class Controller:
         elif kind == "done":
             proc.done = True
             if message[2]:
-                self.lingering.append((proc.label, proc.last_nodeid, message[2]))
+                self.lingering.append((self.memory.name(proc.label), proc.last_nodeid, message[2]))
             if message[1]:
                 proc.leave_reason = (
                     message[1] if message[1] == "ceiling hit" else f"recycled: {message[1]}"
@@ -788,8 +732,15 @@ class Controller:
             # The worker leaves now; the item in flight (if any) fails with
             # this when the worker's end is noticed (_report_lost).
             proc.fault = message[2]
-            if message[1] is None:
-                self.faults.append((self.memory.name(proc.label), message[2]))
+            if message[1] is None or message[1] == proc.last_nodeid:
+                # No test is in flight to be charged with it (none yet, or
+                # the one it names has finished): shown in the summary.
+                after = f"after {message[1]} finished:\n" if message[1] else ""
+                self.faults.append((self.memory.name(proc.label), after + message[2]))
+        elif kind == "undecodable":
+            self.faults.append(
+                (self.memory.name(proc.label), f"a message could not be read: {message[1]}")
+            )
         elif kind == "garbled":
             # What follows in the pipe cannot be trusted to be what it seems.
             proc.garbled = message[1]
@@ -810,7 +761,7 @@ class Controller:
         # pytest-xdist sends a category to its controller by module and name,
         # where a stand-in class would not be found (it fails the same way on
         # a category defined in a function without isolation).
-        if isinstance(name, str) and isinstance(category, type) and not self.feeding:
+        if isinstance(name, str) and isinstance(category, type) and not self.schedule.feeding:
             category = type(name, (category,), {})
         message = payload["message"]
         if message is None:

@@ -16,8 +16,9 @@ touches the cache.
 
 The worker also keeps its memory in check: an RLIMIT_AS ceiling set when it
 starts, and at every test boundary a look at its own memory (RSS growth over
-its start); when the next test would likely take it over budget it tears
-down everything it set up, within that test's teardown, and leaves.
+its start); when the next test would likely take it over budget (by what that
+test needed last run, or else by the largest step a test took here so far)
+it tears down everything it set up, within that test's teardown, and leaves.
 
 The worker never returns into pytest: it leaves with ``os._exit`` so that
 nothing the parent set up (session finish hooks, atexit handlers, a
@@ -118,6 +119,8 @@ class WorkerPlugin:
         #: Largest growth one test has caused in this worker, RSS and address space.
         self._step_rss = 0
         self._step_vm = 0
+        #: Own peak each test of the unit had last run (by node ID), where known.
+        self.recorded_peaks: dict[str, int] = {}
         #: Why this worker ends early, once it knows it will.
         self.recycle_reason: str | None = None
         #: The running test's time limit, if it has one.
@@ -134,6 +137,10 @@ class WorkerPlugin:
         self._reserve_opened = False
         #: Building a report again, after the first try ran out of memory.
         self._rebuilding = False
+        self._leftovers_ended = False
+        #: Modules the parent had when this worker was forked: a class from
+        #: any other would be imported in the parent by unpickling it.
+        self.parent_modules: frozenset[str] = frozenset()
 
     def start(self, limits: Limits) -> None:
         """Begin measuring, and set the ceiling; called once the unit starts."""
@@ -176,7 +183,13 @@ class WorkerPlugin:
             return
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         # Whatever a test or plugin put in the report crosses, as text if need be.
-        self.sender.send_builtins("report", data)
+        try:
+            self.sender.send_builtins("report", data)
+        except MemoryError:
+            # A report of megabytes (captured output) past the ceiling.
+            if not self.open_reserve():
+                raise
+            self.sender.send_builtins("report", data)
         # Flushed per report so a crash in the next phase still leaves the
         # parent knowing which phases finished.
         self.sender.flush()
@@ -196,7 +209,13 @@ class WorkerPlugin:
         location: tuple[str, int, str] | None,
     ) -> None:
         if self.live:
-            self.sender.send("warning", encode_warning(warning_message), when, nodeid, location)
+            self.sender.send(
+                "warning",
+                encode_warning(warning_message, self.parent_modules),
+                when,
+                nodeid,
+                location,
+            )
 
     # -- time ------------------------------------------------------------
 
@@ -309,11 +328,12 @@ class WorkerPlugin:
         return candidates[-1] if candidates else self.test_starts[0][1]
 
     def end_leftovers(self) -> None:
-        """End what the unit's tests left running, and tell the parent."""
-        roots = leftovers.children()
-        if not roots:
+        """End what the unit's tests left running, and tell the parent (once)."""
+        if self._leftovers_ended or not leftovers.children():
             return
-        ended = leftovers.end(leftovers.descendants(roots), self.test_of)
+        self._leftovers_ended = True
+        _stop_multiprocessing_helpers()
+        ended = leftovers.end(lambda: leftovers.descendants(leftovers.children()), self.test_of)
         if ended:
             self.sender.send("leftovers", [dataclasses.astuple(gone) for gone in ended])
 
@@ -340,7 +360,7 @@ class WorkerPlugin:
         self._step_rss = max(self._step_rss, end.rss_bytes - after_setup.rss_bytes)
         self._step_vm = max(self._step_vm, end.vm_bytes - after_setup.vm_bytes)
         if nextitem is not None and self.recycle_reason is None:
-            self.recycle_reason = self._over_budget(end)
+            self.recycle_reason = self._over_budget(end, nextitem)
         if self.recycle_reason is not None and nextitem is not None:
             # Leave at this boundary: tear down what this worker set up
             # (module and session fixtures too) inside this test's teardown,
@@ -349,28 +369,37 @@ class WorkerPlugin:
         self._check_growth(item, end)
         return result
 
-    def _over_budget(self, now: memory.Sample) -> str | None:
-        """Why the next test would likely take this worker over its limits.
+    def _over_budget(self, now: memory.Sample, nextitem: pytest.Item) -> str | None:
+        """Why ``nextitem`` would likely take this worker over its limits.
 
-        The next test is assumed to grow the worker as much as the largest
-        test so far did, so a suite that leaks a little per test is recycled
-        before the ceiling fails one of its tests.
+        The next test is expected to need what it needed last run (its
+        recorded own peak) or, when that is not known, to grow the worker as
+        much as the largest test so far did, so a suite that leaks a little
+        per test is recycled before the ceiling fails one of its tests.
         """
+        recorded = self.recorded_peaks.get(nextitem.nodeid)
+        if recorded is None:
+            step_rss, step_vm = self._step_rss, self._step_vm
+            why = "for the next test"
+        else:
+            # Address space grows at least as much as resident memory does.
+            step_rss, step_vm = recorded, max(self._step_vm, recorded)
+            why = f"that {nextitem.name} needed last run"
         budget = self.limits.budget_bytes
         if budget is not None:
             own = now.rss_bytes - self.base.rss_bytes
-            if own + self._step_rss > budget:
+            if own + step_rss > budget:
                 return (
-                    f"over budget: {format_size(own)} own memory + {format_size(self._step_rss)} "
-                    f"for the next test > {format_size(budget)}"
+                    f"over budget: {format_size(own)} own memory + {format_size(step_rss)} "
+                    f"{why} > {format_size(budget)}"
                 )
         ceiling = self.limits.ceiling_bytes
         if ceiling is not None:
             mapped = now.vm_bytes - self.base.vm_bytes
-            if mapped + self._step_vm > ceiling:
+            if mapped + step_vm > ceiling:
                 return (
-                    f"near ceiling: {format_size(mapped)} mapped + {format_size(self._step_vm)} "
-                    f"for the next test > {format_size(ceiling)}"
+                    f"near ceiling: {format_size(mapped)} mapped + {format_size(step_vm)} "
+                    f"{why} > {format_size(ceiling)}"
                 )
         return None
 
@@ -389,31 +418,40 @@ class WorkerPlugin:
             )
 
 
-def encode_warning(message: warnings.WarningMessage) -> dict[str, Any]:
+def encode_warning(
+    message: warnings.WarningMessage, parent_modules: frozenset[str]
+) -> dict[str, Any]:
+    """A recorded warning as the parent can rebuild it without importing
+    anything: its category crosses as a class only if the parent has that
+    class's module already (else as its name and nearest such base), and
+    the warning itself only if it pickles and its class is such a class."""
+
+    def known(cls: type) -> bool:
+        return cls.__module__ in parent_modules and _picklable(cls)
+
+    category = message.category
     payload: dict[str, Any] = {
-        "category": message.category,
+        "category": category,
         "filename": message.filename,
         "lineno": message.lineno,
         "line": message.line,
         "text": str(message.message),
         "message": None,
     }
-    try:
-        # Warnings with custom constructors may not survive a round trip;
-        # those fall back to their text.
-        pickle.loads(pickle.dumps(message.message))
-        payload["message"] = message.message
-    except Exception:
-        pass
-    try:
-        pickle.dumps(message.category)
-    except Exception:
-        # A category defined in a function: the parent gets a stand-in of
-        # the same name, so the warnings summary reads the same.
+    if not known(category):
         payload["category"] = next(
-            (base for base in message.category.__mro__[1:] if _picklable(base)), UserWarning
+            (base for base in category.__mro__[1:] if known(base)), UserWarning
         )
-        payload["category_name"] = message.category.__name__
+        payload["category_name"] = category.__name__
+    warning = message.message
+    if known(type(warning)):
+        try:
+            # Warnings with custom constructors may not survive a round
+            # trip; those fall back to their text.
+            pickle.loads(pickle.dumps(warning))
+            payload["message"] = warning
+        except Exception:
+            pass
     return payload
 
 
@@ -423,6 +461,22 @@ def _picklable(obj: object) -> bool:
     except Exception:
         return False
     return True
+
+
+def _stop_multiprocessing_helpers() -> None:
+    """Let multiprocessing's resource tracker and fork server, if this worker
+    started them, leave as they do at interpreter exit: they ignore SIGTERM
+    and leave when their pipe closes, and the tracker first removes the shared
+    memory tests leaked (as it would without isolation)."""
+    mine = set(leftovers.children())
+    for module, name, pid_attr in (
+        ("multiprocessing.resource_tracker", "_resource_tracker", "_pid"),
+        ("multiprocessing.forkserver", "_forkserver", "_forkserver_pid"),
+    ):
+        helper = getattr(sys.modules.get(module), name, None)
+        if helper is not None and getattr(helper, pid_attr, None) in mine:
+            with contextlib.suppress(Exception):
+                helper._stop()
 
 
 def _route_report_hooks(config: pytest.Config, plugin: WorkerPlugin) -> None:
@@ -452,6 +506,7 @@ def prepare(config: pytest.Config, plugin: WorkerPlugin, sender: Sender) -> None
     """
     _route_report_hooks(config, plugin)
     plugin.sender = sender
+    plugin.parent_modules = frozenset(sys.modules)
     plugin.live = True
 
 
@@ -471,6 +526,8 @@ class Orders:
     testsfailed: int
     #: Report the garbage collector's work over the unit.
     gc_stats: bool = False
+    #: Own peak of the plan's tests last run (by position), where known.
+    recorded_peaks: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 class Line:
@@ -505,13 +562,15 @@ class Line:
         self.session.testsfailed = message[1]
         return True
 
-    def following(self) -> int | None:
-        """The position of the item after the current one, None if the unit ends."""
+    def following(self) -> tuple[int, int | None] | None:
+        """The position of the item after the current one and its own peak
+        last run (if known); None if the unit ends."""
         message = self._next()
         if message is None or message[0] == "end":
             return None
         index: int = message[1]
-        return index
+        recorded: int | None = message[2]
+        return index, recorded
 
 
 def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -> NoReturn:
@@ -522,6 +581,8 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
     positions = list(orders.plan)
     plan = [items[index] for index in positions]
     open_ended = orders.open_ended
+    for position, peak in orders.recorded_peaks.items():
+        plugin.recorded_peaks[items[position].nodeid] = peak
     try:
         index = 0
         while index < len(plan):
@@ -536,8 +597,11 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
                 if following is None:
                     open_ended = False
                 else:
-                    positions.append(following)
-                    plan.append(items[following])
+                    position, recorded = following
+                    positions.append(position)
+                    plan.append(items[position])
+                    if recorded is not None:
+                        plugin.recorded_peaks[items[position].nodeid] = recorded
             nextitem = plan[index + 1] if index + 1 < len(plan) else None
             if plugin.beacon is not None:
                 plugin.beacon.began(positions[index])
@@ -566,18 +630,18 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
             sender.send("done", plugin.recycle_reason, lingering_threads())
     except pytest.exit.Exception as exc:
         _teardown_quietly(session)
+        _end_leftovers_quietly(plugin)
         sender.send("exit", exc.msg, exc.returncode)
     except KeyboardInterrupt:
         _teardown_quietly(session)
+        _end_leftovers_quietly(plugin)
         sender.send("interrupt")
     except BaseException:
         plugin.open_reserve()
         fault(sender, None)
         code = 3
     finally:
-        if code:
-            with contextlib.suppress(BaseException):
-                plugin.end_leftovers()
+        _end_leftovers_quietly(plugin)
         _leave(sender, code)
 
 
@@ -641,6 +705,11 @@ def lingering_threads() -> list[str]:
         for thread in threading.enumerate()
         if thread is not main and not thread.daemon and thread.is_alive()
     ]
+
+
+def _end_leftovers_quietly(plugin: WorkerPlugin) -> None:
+    with contextlib.suppress(BaseException):
+        plugin.end_leftovers()
 
 
 def _teardown_quietly(session: pytest.Session) -> None:
