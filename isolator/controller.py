@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 import pytest
 from pluggy import HookRelay
 
-from isolator import compat, faults, history, leftovers, worker
+from isolator import compat, faults, forking, history, leftovers, worker
 from isolator.beacon import Beacon
 from isolator.process import WorkerProcess
 from isolator.schedule import Schedule
@@ -491,6 +491,7 @@ class Controller:
         # freezing them keeps the worker's collector from writing to every
         # one of them (which would copy the pages) (bpo-31558).
         gc.freeze()
+        self.plugin.parent_modules = forking.module_names()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         if self._forks is None:

@@ -31,6 +31,7 @@ import dataclasses
 import errno
 import mmap
 import os
+import sys
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 
@@ -191,6 +192,26 @@ def expected_forks(mode: str, items: Sequence[pytest.Item]) -> int:
     if mode == "test":
         return len(items)
     return len({item.path for item in items})
+
+
+_module_names: tuple[int, frozenset[str]] = (-1, frozenset())
+
+
+def module_names() -> frozenset[str]:
+    """The names in ``sys.modules``, for a worker to know what its parent has
+    imported: built here, in the parent, before forking, and built again only
+    when the count changes (the parent imports little once tests run).
+
+    Building the set in the worker instead writes to the reference count of
+    every module name, scattered over the heap: measured in the torch
+    process, 820 pages copied (about 2.5 ms) at the start of every worker.
+    """
+    global _module_names
+    count, names = _module_names
+    if count != len(sys.modules):
+        names = frozenset(sys.modules)
+        _module_names = (len(sys.modules), names)
+    return names
 
 
 class ForkPrep:

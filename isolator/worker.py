@@ -506,7 +506,6 @@ def prepare(config: pytest.Config, plugin: WorkerPlugin, sender: Sender) -> None
     """
     _route_report_hooks(config, plugin)
     plugin.sender = sender
-    plugin.parent_modules = frozenset(sys.modules)
     plugin.live = True
 
 
