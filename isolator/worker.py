@@ -68,6 +68,9 @@ REPORT_HOOKS = (
     "pytest_warning_recorded",
 )
 
+#: What an error needs, at most, to leave a test through pytest's own code.
+_HEADROOM_BYTES = 1 << 20
+
 #: Built-in plugins that read reports to decide whether the run goes on.
 _STEERING_PLUGINS = ("session", "stepwiseplugin")
 
@@ -248,6 +251,40 @@ class WorkerPlugin:
         finally:
             if self.live and self.probe is not None:
                 self._after_setup = self.probe.sample()
+
+    # The innermost wrappers of the three phases: an error that leaves a test
+    # or a fixture while the worker is at its ceiling still has to pass
+    # through pytest's own context managers (capture, logging) before any
+    # report is built, and on some pytest and Python versions that takes
+    # memory (pytest before 9.2 on Python 3.13): the reserve opens here when
+    # not even a megabyte is left. (pytest registers only methods named
+    # pytest_*, hence the names; specname says which hook each one is.)
+    @pytest.hookimpl(wrapper=True, trylast=True, specname="pytest_runtest_setup")
+    def pytest_runtest_setup_headroom(self, item: pytest.Item) -> Generator[None]:
+        return (yield from self._with_headroom())
+
+    @pytest.hookimpl(wrapper=True, trylast=True, specname="pytest_runtest_call")
+    def pytest_runtest_call_headroom(self, item: pytest.Item) -> Generator[None]:
+        return (yield from self._with_headroom())
+
+    @pytest.hookimpl(wrapper=True, trylast=True, specname="pytest_runtest_teardown")
+    def pytest_runtest_teardown_headroom(self, item: pytest.Item) -> Generator[None]:
+        return (yield from self._with_headroom())
+
+    def _with_headroom(self) -> Generator[None]:
+        try:
+            return (yield)
+        except BaseException:
+            self._reserve_if_exhausted()
+            raise
+
+    def _reserve_if_exhausted(self) -> None:
+        if not self.live or self._reserve_opened or self.limits.ceiling_bytes is None:
+            return
+        try:
+            bytearray(_HEADROOM_BYTES)
+        except MemoryError:
+            self.open_reserve()
 
     # The outermost wrapper: a report that cannot be built is caught here,
     # whichever plugin's part of the building failed.
