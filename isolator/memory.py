@@ -16,8 +16,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import os
 import resource
+from pathlib import Path
+
+import psutil
+
+from isolator import cgroup
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 #: mallopt parameter that caps the number of malloc arenas (glibc).
@@ -130,64 +136,38 @@ class MemoryMonitor:
 #: available: for tests of admission, and for machines whose figure is wrong.
 AVAILABLE_OVERRIDE_ENV = "ISOLATOR_AVAILABLE_MEMORY_FILE"
 
-_CGROUP_FILES = (
-    # cgroup v2, then v1: (limit, usage)
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-    (
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-    ),
-)
+
+@functools.cache
+def _hierarchy(pid: int) -> cgroup.Hierarchy | None:
+    # Keyed by PID: a process keeps its cgroup, a fork may be moved to another.
+    return cgroup.memory_hierarchy()
 
 
-#: cgroup v1 writes "no limit" as a number near 2**63 (v2 writes "max").
-_NO_CGROUP_LIMIT = 1 << 60
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _meminfo(field: str) -> int:
-    """One ``/proc/meminfo`` figure, in bytes (0 if it cannot be read)."""
-    prefix = f"{field}:"
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(prefix):
-                return int(line.split()[1]) * 1024
-    return 0
+def _cgroup_limits() -> list[tuple[int, int | None]]:
+    hierarchy = _hierarchy(os.getpid())
+    return cgroup.limits(hierarchy) if hierarchy is not None else []
 
 
 def total_bytes() -> int:
     """All the memory this process could ever be given: MemTotal, or the
-    container's cgroup limit if lower."""
-    total = _meminfo("MemTotal")
-    for limit_path, _ in _CGROUP_FILES:
-        limit = _read_int(limit_path)
-        if limit is not None and limit < _NO_CGROUP_LIMIT:
-            total = min(total, limit)
-            break
+    tightest limit of its own cgroup and their ancestors if lower."""
+    total = int(psutil.virtual_memory().total)
+    for limit, _ in _cgroup_limits():
+        total = min(total, limit)
     return total
 
 
 def available_bytes() -> int:
     """Memory a new worker could use without pushing the machine into the
-    OOM killer: the kernel's MemAvailable, or less if this container's
-    cgroup limit leaves less."""
+    OOM killer: the kernel's MemAvailable, or less if the cgroup this process
+    is in (or one of its ancestors) leaves less under its limit."""
     override = os.environ.get(AVAILABLE_OVERRIDE_ENV)
     if override:
-        value = _read_int(override)
+        value = cgroup.read_bytes(Path(override))
         if value is not None:
             return value
-    available = _meminfo("MemAvailable")
-    for limit_path, usage_path in _CGROUP_FILES:
-        limit, usage = _read_int(limit_path), _read_int(usage_path)
-        if limit is not None and usage is not None and limit < _NO_CGROUP_LIMIT:
+    available = int(psutil.virtual_memory().available)
+    for limit, usage in _cgroup_limits():
+        if usage is not None:
             available = min(available, max(limit - usage, 0))
-            break
     return available
