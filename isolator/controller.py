@@ -34,7 +34,7 @@ import pytest
 from pluggy import HookRelay
 
 from isolator import compat, faults, worker
-from isolator.memory import available_bytes, total_bytes
+from isolator.memory import available_bytes, total_bytes, uss_bytes
 from isolator.process import WorkerProcess
 from isolator.settings import Settings, overrides_key, overrides_of, read_marker
 from isolator.sizes import format_size
@@ -48,7 +48,6 @@ _STILLBORN_LIMIT = 3
 _INTERRUPT_GRACE_S = 5.0
 #: How often a unit waiting for memory looks again.
 _ADMISSION_POLL_S = 0.05
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 #: Messages about one test, as opposed to the worker as a whole.
 _ITEM_MESSAGES = frozenset({"logstart", "report", "logfinish", "finished"})
 #: Item messages replayed as pytest's logging hooks.
@@ -647,14 +646,11 @@ class Controller:
         )
 
     def _sample(self, proc: WorkerProcess) -> None:
-        """Between test boundaries: how much memory the running worker holds
-        now (RSS read from /proc, so it costs the worker nothing)."""
-        try:
-            with open(f"/proc/{proc.pid}/statm", "rb") as statm:
-                rss = int(statm.read().split()[1]) * _PAGE
-        except (OSError, IndexError, ValueError):
-            return
-        self.memory.sampled(proc.label, rss, time.time())
+        """Between test boundaries: the running worker's own memory now (its
+        USS, read from /proc by this process, so the worker pays nothing)."""
+        own = uss_bytes(proc.pid)
+        if own is not None:
+            self.memory.sampled(proc.label, own, time.time())
 
     def _captured_by_lost_worker(self) -> list[tuple[str, str]]:
         """What a dead worker's test had written to the capture files.
@@ -694,8 +690,8 @@ class Controller:
             if worker_memory is not None:
                 hint = (
                     "\nSIGKILL from outside is often the kernel's OOM killer; the worker's "
-                    f"last measured memory was {format_size(worker_memory.end_bytes)} "
-                    f"(peak {format_size(worker_memory.peak_bytes)}) over its start"
+                    f"own memory was last measured at {format_size(worker_memory.end_bytes)} "
+                    f"(peak {format_size(worker_memory.peak_bytes)})"
                 )
         sections = self._captured_by_lost_worker()
         if not started:

@@ -1,14 +1,22 @@
-"""Memory of the current process: cheap enough to read at every test boundary.
+"""Memory of the current process, and what a worker may use.
 
-A forked worker's RSS counts every page it shares with the parent it was
-forked from, so the figure that means "this worker's own memory" is its RSS
-*growth* over the moment it started: pages it allocated, plus shared pages it
-wrote to (copy-on-write made them its own).
+A worker's *own memory* is its USS: the pages no other process maps, which
+are the pages it allocated plus the copies it made of pages it shared with
+the pytest process it was forked from (a write to an inherited page swaps a
+shared page for a private copy, and RSS does not move: measured here, a
+child that rewrites 200 MB it inherited grows 0.1 MB in RSS and 200 MB in
+USS).
 
-Costs measured on the project's 2-core machine: reading ``/proc/self/statm``
-through a kept file descriptor is about 2 µs; resetting the peak through
-``/proc/self/clear_refs`` 1 µs; ``getrusage`` 1.3 µs. ``/proc/self/status`` (30
-µs) and psutil's USS (``smaps_rollup``, about 800 µs) stay off the per-test path.
+USS is read from ``/proc/self/smaps_rollup`` (through psutil), which walks the
+page tables: about 10 µs per MB resident here (0.3 ms at 30 MB, 2 ms at
+230 MB), several times what a trivial test costs. So a test boundary reads
+only ``/proc/self/statm`` and the page-fault counters (2 µs in all) and
+:class:`Meter` carries the last USS reading forward by them, reading USS again
+only when they say the figure may have drifted, or a limit decision is near.
+
+Other costs measured on the project's 2-core machine: resetting the peak
+through ``/proc/self/clear_refs`` 1 µs; psutil's ``memory_info()`` 11 µs (so
+the hot path reads statm itself); ``/proc/self/status`` 30 µs.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import dataclasses
 import functools
 import os
 import resource
+import time
 from pathlib import Path
 
 import psutil
@@ -28,6 +37,14 @@ from isolator import cgroup
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 #: mallopt parameter that caps the number of malloc arenas (glibc).
 _M_ARENA_MAX = -8
+#: What a USS reading costs per byte resident, until the first one is timed.
+_READING_S_PER_BYTE = 10e-6 / 1e6
+#: Readings due because the carried-forward figure may have drifted take at
+#: most this share of a worker's time, readings due to age alone this share.
+_DRIFT_SHARE = 0.05
+_AGE_SHARE = 0.01
+#: Drift that calls for a reading: this much, or a 64th of RSS if larger.
+_MIN_TOLERANCE = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +53,16 @@ class Sample:
     rss_bytes: int
     #: Address space (what RLIMIT_AS counts), bytes.
     vm_bytes: int
+    #: Page faults (minor and major) since the process began; a fork starts at 0.
+    faults: int = 0
+    #: Own memory (USS), bytes: read, or carried forward from the last reading.
+    own_bytes: int = 0
+    #: How far ``own_bytes`` may be off: 0 right after a reading.
+    drift_bytes: int = 0
 
 
 class Probe:
-    """Reads this process's memory; one per worker, opened after fork."""
+    """Reads this process's memory cheaply; one per worker, opened after fork."""
 
     def __init__(self) -> None:
         self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
@@ -57,7 +80,12 @@ class Probe:
 
     def sample(self) -> Sample:
         fields = os.pread(self._statm, 128, 0).split()
-        return Sample(rss_bytes=int(fields[1]) * _PAGE, vm_bytes=int(fields[0]) * _PAGE)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return Sample(
+            rss_bytes=int(fields[1]) * _PAGE,
+            vm_bytes=int(fields[0]) * _PAGE,
+            faults=usage.ru_minflt + usage.ru_majflt,
+        )
 
     def reset_peak(self) -> None:
         """Start a new peak-RSS window (Linux: clear_refs 5 resets VmHWM)."""
@@ -68,6 +96,102 @@ class Probe:
     def peak_rss_bytes(self) -> int:
         """Highest RSS since the last ``reset_peak``."""
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def uss_bytes(pid: int) -> int | None:
+    """Another process's own memory (USS), or None if it is gone; walks its page
+    tables (see the module docstring for the cost)."""
+    try:
+        uss: int = psutil.Process(pid).memory_full_info().uss
+    except (psutil.Error, OSError):
+        return None
+    return uss
+
+
+class Meter:
+    """A worker's own memory (USS) at its test boundaries, at the price of RSS.
+
+    Between two USS readings, every page the worker makes its own costs it a
+    page fault: a fresh page for an allocation, or a copy of a page it shared.
+    So the figure is carried forward as the last reading, plus a page per
+    fault, less what RSS dropped (pages freed); when RSS grew by more than the
+    faults account for (huge pages, fault-around), by the RSS growth. That
+    overcounts memory allocated and freed again, and undercounts shared pages
+    unmapped and pages others stopped sharing by writing their own copies;
+    all but the last are bounded by the faults and the RSS change since the
+    reading, the *drift*.
+
+    USS is read again when the drift passes a 64th of RSS (1 MB at least)
+    and readings so far leave room (they take at most 5% of the worker's
+    time), when none was taken for a hundred times what one costs (1%), and
+    when the drift passes a tenth of the growth limit in force (the leak
+    guard decides on it). Callers ask for a reading themselves when a
+    decision is within the drift (:meth:`read_exactly`).
+
+    The worker starts with the pages it faulted in since the fork: a fresh
+    fork shares every page with its parent, so it owned nothing then.
+    """
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+        self._process = psutil.Process()
+        now = probe.sample()
+        self._anchor = dataclasses.replace(now, own_bytes=now.faults * _PAGE)
+        self._read_at = time.monotonic()
+        self._read_cost_s = now.rss_bytes * _READING_S_PER_BYTE
+        #: USS readings taken (for the tests of this class, and curiosity).
+        self.readings = 0
+
+    def read(self, growth_limit_bytes: int | None = None) -> Sample:
+        """Own memory now: the last reading carried forward, or a new one when due."""
+        now = self._carried(self.probe.sample())
+        drift = now.drift_bytes
+        age_s = time.monotonic() - self._read_at
+        tolerance = max(_MIN_TOLERANCE, now.rss_bytes // 64)
+        if (
+            (drift > tolerance and age_s * _DRIFT_SHARE >= self._read_cost_s)
+            or age_s * _AGE_SHARE >= self._read_cost_s
+            or (growth_limit_bytes is not None and drift > growth_limit_bytes // 10)
+        ):
+            return self.read_exactly()
+        return now
+
+    def _carried(self, now: Sample) -> Sample:
+        """``now`` with the last reading carried forward to it."""
+        anchor = self._anchor
+        rss_change = now.rss_bytes - anchor.rss_bytes
+        faulted = (now.faults - anchor.faults) * _PAGE
+        own = anchor.own_bytes + max(rss_change, faulted + min(rss_change, 0))
+        return dataclasses.replace(
+            now, own_bytes=max(own, 0), drift_bytes=faulted + abs(rss_change)
+        )
+
+    def read_exactly(self) -> Sample:
+        """Own memory now, read from the page tables."""
+        started = time.monotonic()
+        uss = uss_bytes(os.getpid())
+        now = self.probe.sample()
+        finished = time.monotonic()
+        if uss is None:  # smaps_rollup unreadable: carry on with what we have
+            return self._carried(now)
+        self._read_cost_s = finished - started
+        self._read_at = finished
+        self._anchor = dataclasses.replace(now, own_bytes=uss)
+        self.readings += 1
+        return self._anchor
+
+    def settle(self, now: Sample, margin_bytes: int, other_drift_bytes: int = 0) -> Sample:
+        """``now``, or an exact reading if a decision ``margin_bytes`` away from
+        its threshold could go the other way within the drift (``now``'s, and
+        that of the figure it is compared with)."""
+        if now.drift_bytes and abs(margin_bytes) <= now.drift_bytes + other_drift_bytes:
+            return self.read_exactly()
+        return now
+
+    def peak_bytes(self, start: Sample) -> int:
+        """Highest own memory since ``start`` (taken when the peak was reset),
+        as far as the RSS high-water mark tells: what was new at the peak."""
+        return start.own_bytes + max(self.probe.peak_rss_bytes() - start.rss_bytes, 0)
 
 
 def set_ceiling(headroom_bytes: int, start_vm_bytes: int) -> int:

@@ -195,8 +195,8 @@ def test_sigkill_names_the_oom_killer_and_the_last_memory(
         [
             "worker w* was killed by signal 9 (SIGKILL) while running test_killed.py::test_killed "
             "(call)",
-            "SIGKILL from outside is often the kernel's OOM killer; the worker's last measured "
-            "memory was 4*MB (peak 4*MB) over its start",
+            "SIGKILL from outside is often the kernel's OOM killer; the worker's own memory was "
+            "last measured at 4*MB (peak 4*MB)",
         ]
     )
 
