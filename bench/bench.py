@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,8 @@ class Variant:
     name: str
     args: list[str]
     times: list[float] = field(default_factory=list)
+    #: Extra environment (PYTHONPATH, to run another version of isolator).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def median(self) -> float:
@@ -37,7 +40,12 @@ def run_once(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> f
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
     start = time.perf_counter()
     completed = subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, check=False, env=env
+        command,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
     )
     elapsed = time.perf_counter() - start
     if completed.returncode not in (0, 1):
@@ -49,7 +57,7 @@ def run_once(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> f
 def measure(cwd: Path, variants: list[Variant], rounds: int) -> None:
     for _ in range(rounds):
         for variant in variants:
-            variant.times.append(run_once(cwd, variant.args))
+            variant.times.append(run_once(cwd, variant.args, variant.env))
 
 
 def report(title: str, variants: list[Variant], baseline: Variant | None, tests: int) -> None:
@@ -85,14 +93,30 @@ def trivial_suite(count: int) -> Path:
     return suite
 
 
-def bench_trivial(rounds: int, count: int) -> None:
+def checkout(ref: str) -> dict[str, str]:
+    """The environment that runs isolator as of git ``ref`` (exported, not checked out)."""
+    tree = WORK / f"ref-{ref.replace('/', '-')}"
+    if tree.exists():
+        shutil.rmtree(tree)
+    tree.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", ref, "isolator"], cwd=ROOT, capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    # PYTHONPATH comes before the editable install's finder.
+    return {"PYTHONPATH": str(tree)}
+
+
+def bench_trivial(rounds: int, count: int, against: str | None = None) -> None:
     suite = trivial_suite(count)
     collect = Variant("collect only", ["--collect-only", "-p", "isolator"])
-    variants = [
-        Variant("plain", ["-p", "isolator"]),
-        Variant("--isolate=module", ["-p", "isolator", "--isolate=module"]),
-        Variant("--isolate=test", ["-p", "isolator", "--isolate=test"]),
-    ]
+    variants = [Variant("plain", ["-p", "isolator"])]
+    old = checkout(against) if against else None
+    for mode in ("module", "test"):
+        args = ["-p", "isolator", f"--isolate={mode}"]
+        if old is not None:
+            variants.append(Variant(f"--isolate={mode} ({against})", args, env=old))
+        variants.append(Variant(f"--isolate={mode}", args))
     measure(suite, [collect, *variants], rounds)
     report(f"{count} trivial tests in one module ({rounds} rounds)", variants, collect, count)
     floor = subprocess.run(
@@ -185,11 +209,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tests", type=int, default=2000)
     parser.add_argument("--only", choices=["trivial", "leaky", "networkx"], default=None)
+    parser.add_argument(
+        "--against",
+        metavar="GIT_REF",
+        help="also time the isolated variants as of this git ref (main, say), alternating",
+    )
     options = parser.parse_args()
     os.environ.pop("PYTEST_ADDOPTS", None)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
     if options.only in (None, "trivial"):
-        bench_trivial(options.rounds, options.tests)
+        bench_trivial(options.rounds, options.tests, options.against)
     if options.only in (None, "leaky"):
         bench_leaky()
     if options.only in (None, "networkx"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import functools
 import os
 import resource
@@ -33,6 +34,7 @@ from pathlib import Path
 import psutil
 
 from isolator import cgroup
+from isolator.sizes import format_size
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 #: mallopt parameter that caps the number of malloc arenas (glibc).
@@ -210,6 +212,78 @@ def set_ceiling(headroom_bytes: int, start_vm_bytes: int) -> int:
         limit = min(limit, soft)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     return limit
+
+
+#: How an exception says ENOMEM in words (strerror), for libraries that put
+#: it in their own message (lmdb, for one).
+_ENOMEM_TEXT = os.strerror(errno.ENOMEM)
+
+
+def _text(error: BaseException) -> str:
+    try:
+        return str(error)
+    except Exception:  # a broken __str__ is the test's business, not ours
+        return ""
+
+
+def _ceiling_failure(error: BaseException) -> BaseException | None:
+    """The exception in ``error``'s chain that says an allocation or a mapping
+    failed: what reaching an RLIMIT_AS ceiling looks like from Python."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError):  # allocations, numpy's _ArrayMemoryError
+            return current
+        if isinstance(current, OSError) and current.errno == errno.ENOMEM:  # mmap, mremap
+            return current
+        text = _text(current)
+        if isinstance(current, RuntimeError) and "can't start new thread" in text:
+            return current  # pthread_create could not map the thread's stack
+        if _ENOMEM_TEXT in text:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def explain_ceiling_failure(
+    error: BaseException, worker: str, test: str, ceiling_bytes: int, mapped_bytes: int
+) -> bool:
+    """Say in ``error`` (or the exception in its chain that failed to get
+    memory) that the worker's RLIMIT_AS ceiling is what it ran into, what that
+    ceiling counts, and the ways out. True if ``error`` is of that kind.
+
+    ``mapped_bytes`` is the address space the worker had mapped over its start.
+    """
+    failure = _ceiling_failure(error)
+    if failure is None:
+        return False
+    if getattr(failure, "_isolator_explained", False):
+        return True
+    left = max(ceiling_bytes - mapped_bytes, 0)
+    explanation = (
+        f"worker {worker} is limited to {format_size(ceiling_bytes)} of address space "
+        f"(RLIMIT_AS) and {test} asked for more than the {format_size(left)} left; RLIMIT_AS "
+        f"counts every mapping and reservation, used or not ({format_size(mapped_bytes)} mapped "
+        "since the worker started). Ways out: a bigger ceiling (--worker-mem, --worker-ceiling "
+        "or @pytest.mark.isolate(mem=...)), none (--worker-ceiling=none), or one that counts "
+        "memory used (--worker-ceiling-kind=cgroup)"
+    )
+    # The message is where every report shows it (terminal, junit xml, -rA):
+    # in front for MemoryError, whose own message is often empty; after the
+    # original words for the others, keeping their type and errno.
+    if isinstance(failure, MemoryError):
+        detail = failure.args[0] if failure.args and failure.args[0] else None
+        failure.args = (explanation + (f" ({detail})" if detail else ""),)
+    elif isinstance(failure, OSError):
+        failure.strerror = f"{failure.strerror}: {explanation}"
+    elif isinstance(failure, RuntimeError) and type(failure).__str__ is BaseException.__str__:
+        failure.args = (f"{failure}: {explanation}",)
+    elif hasattr(failure, "add_note"):
+        failure.add_note(f"isolator: {explanation}")
+    with contextlib.suppress(AttributeError, TypeError):
+        failure._isolator_explained = True  # type: ignore[attr-defined]
+    return True
 
 
 def limit_malloc_arenas(count: int = 2) -> None:

@@ -229,16 +229,11 @@ class WorkerPlugin:
 
     def _explain_memory_error(self, item: pytest.Item, error: BaseException) -> None:
         ceiling = self.limits.ceiling_bytes
-        if not isinstance(error, MemoryError) or ceiling is None or self.probe is None:
+        if ceiling is None or self.probe is None:
             return
-        left = max(ceiling - (self.probe.sample().vm_bytes - self.base.vm_bytes), 0)
-        detail = f" ({error.args[0]})" if error.args and error.args[0] else ""
-        error.args = (
-            f"worker {self.limits.label} is limited to {format_size(ceiling)} (RLIMIT_AS) and "
-            f"{item.name} asked for more than the {format_size(left)} left{detail}; raise the "
-            "limit with --worker-mem or @pytest.mark.isolate(mem=...)",
-        )
-        self.recycle_reason = "ceiling hit"
+        mapped = self.probe.sample().vm_bytes - self.base.vm_bytes
+        if memory.explain_ceiling_failure(error, self.limits.label, item.name, ceiling, mapped):
+            self.recycle_reason = "ceiling hit"
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_teardown(
