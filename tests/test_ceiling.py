@@ -61,6 +61,9 @@ _WAYS_OUT = (
 )
 
 
+_ENOMEM = "E * OSError: *Errno 12* Cannot allocate memory: "
+
+
 def _explained(test: str) -> str:
     return (
         f"*worker w* is limited to 512MB of address space (RLIMIT_AS) and {test} asked for more "
@@ -77,14 +80,13 @@ def test_every_failure_the_address_space_ceiling_causes_explains_itself(
     result.assert_outcomes(passed=1, failed=5)
     result.stdout.fnmatch_lines_random(
         [
-            "E * OSError: *Errno 12* Cannot allocate memory: " + _explained("test_maps_sparse_file"),
-            "E * OSError: *Errno 12* Cannot allocate memory: " + _explained("test_grows_a_mapping"),
+            _ENOMEM + _explained("test_maps_sparse_file"),
+            _ENOMEM + _explained("test_grows_a_mapping"),
             "E * RuntimeError: can't start new thread: " + _explained("test_starts_threads"),
             "E * MemoryError: " + _explained("test_big_bytearray"),
             # The library's own error on top, the explained cause below it.
             "E * ValueError: could not open the store",
-            "E * OSError: *Errno 12* Cannot allocate memory: "
-            + _explained("test_library_wraps_the_error"),
+            _ENOMEM + _explained("test_library_wraps_the_error"),
         ]
     )
     # Each failure recycled its worker ("ceiling hit"); the last test ran fresh.
