@@ -34,6 +34,7 @@ import pytest
 from pluggy import HookRelay
 
 from isolator import compat, faults, worker
+from isolator.cgroup import WAYS_OUT, WorkerCgroup, WorkerCgroups
 from isolator.memory import available_bytes, total_bytes, uss_bytes
 from isolator.process import WorkerProcess
 from isolator.settings import Settings, overrides_key, overrides_of, read_marker
@@ -65,11 +66,17 @@ class Controller:
     """Plugin that owns the workers of one pytest process."""
 
     def __init__(
-        self, config: pytest.Config, settings: Settings, plugin: worker.WorkerPlugin
+        self,
+        config: pytest.Config,
+        settings: Settings,
+        plugin: worker.WorkerPlugin,
+        cgroups: WorkerCgroups | None = None,
     ) -> None:
         self.config = config
         self.settings = settings
         self.plugin = plugin
+        #: Where workers' memory cgroups are made, under the cgroup ceiling.
+        self.cgroups = cgroups
         node = getattr(config, "workerinput", {}).get("workerid", "main")
         self.memory = RunMemory(time.time(), node)
         #: The worker whose reports are being replayed.
@@ -414,7 +421,7 @@ class Controller:
             if self.interrupted and proc is self.current:
                 reason = "interrupted"
             elif proc.exited and proc.wait_status is not None and not proc.done:
-                reason = f"crashed: {faults.describe_status(proc.wait_status)}"
+                reason = f"crashed: {proc.how_it_ended()}"
             elif proc.done:
                 reason = proc.leave_reason or "unit done"
             self.memory.worker_ended(proc.label, reason, time.time())
@@ -441,17 +448,20 @@ class Controller:
         read_fd, write_fd = os.pipe()
         go_read, go_write = os.pipe()
         fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
+        cgroup = self.cgroups.for_worker(label) if self.cgroups is not None else None
         pid = os.fork()
         if pid == 0:
             os.close(go_write)
-            self._become_worker(read_fd, write_fd, go_read, fault_fd)
+            self._become_worker(read_fd, write_fd, go_read, fault_fd, cgroup)
         os.close(write_fd)
         os.close(go_read)
         # Also done in the worker; whichever runs first wins the race with a
         # kill of the group.
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
-        return WorkerProcess(label, pid, read_fd, go_write, fault_fd)
+        proc = WorkerProcess(label, pid, read_fd, go_write, fault_fd)
+        proc.cgroup = cgroup
+        return proc
 
     def _become_worker(
         self,
@@ -459,6 +469,7 @@ class Controller:
         write_fd: int,
         go_fd: int,
         fault_fd: int,
+        cgroup: WorkerCgroup | None,
     ) -> None:
         sender = Sender(write_fd)
         session = self.session
@@ -477,6 +488,12 @@ class Controller:
                 self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != self._parent_pid:
                 os._exit(1)  # the parent died before we could ask to follow it
+            if cgroup is not None:
+                # Before anything else: memory is charged to the cgroup a
+                # process is in when it touches a page.
+                assert self.settings.ceiling_bytes is not None
+                cgroup.join(self.settings.ceiling_bytes)
+                self.plugin.cgroup = cgroup
             # Other workers' pipes: holding them would hide those workers' end.
             for other in (self.current, self.parked, self.standby, *self.ending):
                 if other is not None:
@@ -682,10 +699,12 @@ class Controller:
         if timeout and stacks.startswith("Timeout ("):
             how = f"timed out after {timeout:g}s and was killed"
         else:
-            how = faults.describe_status(proc.wait_status)
+            how = proc.how_it_ended()
         cause = f"worker {proc.label} (PID {proc.pid}) {how} while running {item.nodeid}"
         hint = ""
-        if faults.killed_by(proc.wait_status) == signal.SIGKILL:
+        if proc.killed_by_ceiling:
+            hint = f"\n{WAYS_OUT}"
+        elif faults.killed_by(proc.wait_status) == signal.SIGKILL:
             worker_memory = self.memory.workers.get(proc.label)
             if worker_memory is not None:
                 hint = (

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pytest
 
 from isolator import faults, worker
+from isolator.cgroup import Ending, WorkerCgroup
 from isolator.wire import Message, Receiver, Sender
 
 
@@ -53,6 +54,10 @@ class WorkerProcess:
         self.leave_reason: str | None = None
         #: The last test whose reports were replayed.
         self.last_nodeid = ""
+        #: The worker's memory cgroup (the cgroup ceiling), and what it saw,
+        #: read when the worker is reaped; the cgroup is removed then.
+        self.cgroup: WorkerCgroup | None = None
+        self.cgroup_ending: Ending | None = None
         self.receiver = Receiver(read_fd)
         self.go_fd = go_fd
         self.fault_fd = fault_fd
@@ -64,7 +69,20 @@ class WorkerProcess:
     def __repr__(self) -> str:
         if self.wait_status is None:
             return f"<worker {self.label} running with PID {self.pid}>"
-        return f"<worker {self.label} (PID {self.pid}) {faults.describe_status(self.wait_status)}>"
+        return f"<worker {self.label} (PID {self.pid}) {self.how_it_ended()}>"
+
+    @property
+    def killed_by_ceiling(self) -> bool:
+        """The kernel killed it (or a process in its cgroup) for going over
+        the cgroup ceiling."""
+        return self.cgroup_ending is not None and self.cgroup_ending.oom_kills > 0
+
+    def how_it_ended(self) -> str:
+        """``was killed by the memory ceiling (cgroup ...)``, ``exited with code 3``..."""
+        if self.killed_by_ceiling and faults.killed_by(self.wait_status) == signal.SIGKILL:
+            assert self.cgroup_ending is not None
+            return self.cgroup_ending.describe()
+        return faults.describe_status(self.wait_status)
 
     @property
     def exited(self) -> bool:
@@ -134,6 +152,7 @@ class WorkerProcess:
         _, self.wait_status = os.waitpid(self.pid, 0)
         self.fault_stacks = self._read_fault_stacks()
         self._close()
+        self._end_cgroup()
 
     def try_reap(self) -> bool:
         """Reap the worker if it has exited; never blocks."""
@@ -144,7 +163,16 @@ class WorkerProcess:
             return False
         self.wait_status = status
         self._close()
+        self._end_cgroup()
         return True
+
+    def _end_cgroup(self) -> None:
+        # The worker is reaped; its process group was sent SIGKILL when it
+        # was told to stop, and removing the cgroup ends whatever else is
+        # still in it.
+        if self.cgroup is not None:
+            self.cgroup_ending = self.cgroup.finish()
+            self.cgroup = None
 
     def _read_fault_stacks(self) -> str:
         try:

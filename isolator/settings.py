@@ -21,6 +21,8 @@ NumberT = TypeVar("NumberT", int, float)
 
 Mode = Literal["off", "module", "test", "marked", "shared"]
 MODES: tuple[Mode, ...] = ("off", "module", "test", "marked", "shared")
+CeilingKind = Literal["rlimit", "cgroup"]
+CEILING_KINDS: tuple[CeilingKind, ...] = ("rlimit", "cgroup")
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -50,6 +52,16 @@ def add_options(parser: pytest.Parser) -> None:
         metavar="SIZE|none",
         help="Hard RLIMIT_AS ceiling per worker, apart from the budget (default: same as "
         "--worker-mem; 'none' for no ceiling). Ini: worker_ceiling.",
+    )
+    group.addoption(
+        "--worker-ceiling-kind",
+        dest="worker_ceiling_kind",
+        default=None,
+        metavar="rlimit|cgroup",
+        help="What the ceiling counts: rlimit (default) caps address space with RLIMIT_AS, "
+        "mappings and reservations included; cgroup puts each worker in a memory cgroup of "
+        "its own and caps memory used (needs root or a delegated cgroup). Ini: "
+        "worker_ceiling_kind.",
     )
     group.addoption(
         "--isolate-timeout",
@@ -117,6 +129,7 @@ def add_options(parser: pytest.Parser) -> None:
     )
     parser.addini("worker_mem", "Default for --worker-mem.", default="")
     parser.addini("worker_ceiling", "Default for --worker-ceiling.", default="")
+    parser.addini("worker_ceiling_kind", "Default for --worker-ceiling-kind.", default="")
     parser.addini("isolate_timeout", "Default for --isolate-timeout.", default="")
     parser.addini(
         "isolate_markers",
@@ -134,7 +147,8 @@ class Settings:
     mode: Mode
     #: Recycle a worker whose own memory is over this many bytes.
     budget_bytes: int | None
-    #: RLIMIT_AS headroom above the worker's starting address space.
+    #: The ceiling: RLIMIT_AS headroom above the worker's starting address
+    #: space, or the limit of its memory cgroup.
     ceiling_bytes: int | None
     #: Kill a worker whose test runs longer than this.
     timeout_s: float | None
@@ -153,6 +167,10 @@ class Settings:
     sample_interval_s: float = 0.5
     #: Collect the workers' garbage collector statistics.
     gc_stats: bool = False
+    #: What the ceiling counts: address space (RLIMIT_AS) or memory (a cgroup).
+    ceiling_kind: CeilingKind = "rlimit"
+    #: Where the ceiling kind came from, for messages.
+    ceiling_kind_source: str = "--worker-ceiling-kind"
 
     @property
     def enabled(self) -> bool:
@@ -261,6 +279,20 @@ def load_settings(config: pytest.Config) -> Settings:
     else:
         ceiling = _size(config, "worker_ceiling", "worker_ceiling", allow_none=True)
 
+    raw_kind, kind_source = _source(config, "worker_ceiling_kind", "worker_ceiling_kind")
+    kind_text = "rlimit" if raw_kind is None else raw_kind.strip().lower()
+    if kind_text not in CEILING_KINDS:
+        raise pytest.UsageError(
+            f"isolator: {kind_source}: {raw_kind!r} is not a kind of ceiling "
+            f"(choose from {', '.join(CEILING_KINDS)})"
+        )
+    ceiling_kind: CeilingKind = kind_text
+    if ceiling_kind == "cgroup" and ceiling is None:
+        raise pytest.UsageError(
+            f"isolator: {kind_source}: 'cgroup' needs a ceiling to enforce: --worker-mem=SIZE "
+            "or --worker-ceiling=SIZE"
+        )
+
     timeout = _number(config, "isolate_timeout", "isolate_timeout", float, positive=True)
 
     if mode == "shared" and budget is None:
@@ -285,6 +317,8 @@ def load_settings(config: pytest.Config) -> Settings:
         gc_stats=bool(config.getoption("isolate_gc_stats")),
         budget_bytes=budget,
         ceiling_bytes=ceiling,
+        ceiling_kind=ceiling_kind,
+        ceiling_kind_source=kind_source or "--worker-ceiling-kind",
         timeout_s=timeout,
         markers=markers,
         growth_limit_bytes=growth_limit,

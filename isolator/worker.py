@@ -44,6 +44,7 @@ from typing import Any, NoReturn
 import pytest
 
 from isolator import memory
+from isolator.cgroup import WorkerCgroup
 from isolator.settings import overrides_of
 from isolator.sizes import format_size
 from isolator.wire import Receiver, Sender
@@ -120,6 +121,8 @@ class WorkerPlugin:
         self.coverage_file: str | None = None
         #: The garbage collector's counters when the unit started.
         self.gc_at_start: list[dict[str, int]] = []
+        #: The worker's memory cgroup, under the cgroup ceiling (set in the worker).
+        self.cgroup: WorkerCgroup | None = None
 
     def start(self, limits: Limits) -> None:
         """Begin measuring, and set the ceiling; called once the unit starts."""
@@ -129,7 +132,9 @@ class WorkerPlugin:
         self.probe = memory.Probe()
         self.meter = memory.Meter(self.probe)
         self.base = self.meter.read()
-        if limits.ceiling_bytes is not None:
+        if limits.ceiling_bytes is not None and self.cgroup is not None:
+            self.cgroup.set_limit(limits.ceiling_bytes)
+        elif limits.ceiling_bytes is not None:
             memory.limit_malloc_arenas()
             memory.set_ceiling(limits.ceiling_bytes, self.base.vm_bytes)
         self.sender.send("started", (self.base.rss_bytes, self.base.own_bytes), time.time())
@@ -229,8 +234,8 @@ class WorkerPlugin:
 
     def _explain_memory_error(self, item: pytest.Item, error: BaseException) -> None:
         ceiling = self.limits.ceiling_bytes
-        if ceiling is None or self.probe is None:
-            return
+        if ceiling is None or self.probe is None or self.cgroup is not None:
+            return  # no RLIMIT_AS here
         mapped = self.probe.sample().vm_bytes - self.base.vm_bytes
         if memory.explain_ceiling_failure(error, self.limits.label, item.name, ceiling, mapped):
             self.recycle_reason = "ceiling hit"
@@ -294,7 +299,7 @@ class WorkerPlugin:
                     f"for the next test > {format_size(budget)}"
                 )
         ceiling = self.limits.ceiling_bytes
-        if ceiling is not None:
+        if ceiling is not None and self.cgroup is None:  # RLIMIT_AS, address space
             mapped = now.vm_bytes - self.base.vm_bytes
             if mapped + self._step_vm > ceiling:
                 return (
