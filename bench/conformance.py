@@ -1,8 +1,8 @@
 """make conformance: suites no one here wrote must give the same verdict for
 every test with and without isolation.
 
-Runs ``pytest --pyargs networkx`` and the toolz sdist's tests plain, under
-``--isolate=module`` and under ``--isolate=test``, records the verdict of every
+Runs ``pytest --pyargs networkx`` and the toolz sdist's tests plain and under
+every ``--isolate`` mode (module, test, marked, shared), records the verdict of every
 test id (passed, failed, error, skipped, xfailed, xpassed) with the
 ``bench.verdicts`` plugin, and prints how many differ (must be 0) and the
 time ratio against plain. Exits 1 if any verdict differs.
@@ -118,7 +118,12 @@ def main() -> None:
     suites = options.suite if options.suite is not None else ["toolz", "networkx"]
     if options.no_suites:
         suites = []
-    modes = [["--isolate=module"], ["--isolate=test"]]
+    modes = [
+        ["--isolate=module"],
+        ["--isolate=test"],
+        ["--isolate=marked"],
+        ["--isolate=shared", "--worker-mem=1GB"],
+    ]
     differing = 0
     for suite in suites:
         target = ensure_networkx() if suite == "networkx" else ensure_toolz()

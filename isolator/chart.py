@@ -86,7 +86,7 @@ def render_svg(memory: RunMemory, budget_bytes: int | None) -> str:
                 f'<circle class="recycle" cx="{ex:.1f}" cy="{ey:.1f}" r="4" fill="none" '
                 f'stroke="#000"><title>{title}</title></circle>'
             )
-        elif worker.ended.startswith("crashed"):
+        elif worker.crashed:
             parts.append(
                 f'<path class="crash" d="M{ex - 4:.1f},{ey - 4:.1f}l8,8m0,-8l-8,8" '
                 f'stroke="#d00" stroke-width="2"><title>{title}</title></path>'

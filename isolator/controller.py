@@ -24,16 +24,19 @@ import dataclasses
 import faulthandler
 import gc
 import os
+import secrets
 import signal
 import sys
 import time
 import warnings
 from collections.abc import Callable, Hashable
 
+import psutil
 import pytest
 from pluggy import HookRelay
 
-from isolator import compat, faults, worker
+from isolator import compat, faults, leftovers, worker
+from isolator.beacon import Beacon
 from isolator.cgroup import WAYS_OUT, WorkerCgroup, WorkerCgroups
 from isolator.memory import available_bytes, total_bytes, uss_bytes
 from isolator.process import WorkerProcess
@@ -53,6 +56,22 @@ _ADMISSION_POLL_S = 0.05
 _ITEM_MESSAGES = frozenset({"logstart", "report", "logfinish", "finished"})
 #: Item messages replayed as pytest's logging hooks.
 _LOG_MESSAGES = frozenset({"logstart", "report", "logfinish"})
+
+
+def _own_cmdline() -> bytes:
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _cmdline_of(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -100,6 +119,15 @@ class Controller:
         #: (worker, last test, thread names) for units that ended with
         #: non-daemon threads still running.
         self.lingering: list[tuple[str, str, list[str]]] = []
+        #: (worker, processes) for units that left processes running.
+        self.leftovers: list[tuple[str, list[leftovers.Leftover]]] = []
+        #: (worker, what went wrong) for faults no test was charged with.
+        self.faults: list[tuple[str, str]] = []
+        #: Tags this run's workers (and what they start) in their environment.
+        self._token = secrets.token_hex(8)
+        self._cmdline = _own_cmdline()
+        #: The base temp directory this process made before forking, if any.
+        self._basetemp: object = None
         #: Workers in a row that died before they started a test.
         self._stillborn = 0
         self._spawned = 0
@@ -183,7 +211,17 @@ class Controller:
         session = item.session
         may_retry = True
         while True:
-            proc = self._worker_for(item, nextitem)
+            try:
+                proc = self._worker_for(item, nextitem)
+            except OSError as exc:
+                # fork, pipe or pidfd refused (too many processes or open
+                # files, no memory): this test's failure; the next one tries again.
+                self._report_unstarted(
+                    item,
+                    f"isolator could not start a worker for {item.nodeid}: {exc}; the machine "
+                    "is short of processes, file descriptors or memory",
+                )
+                return True
             if self._replay(proc, item, may_retry):
                 break
             # The item never started in that worker (it stopped, or died
@@ -202,6 +240,37 @@ class Controller:
         markers = self.settings.markers
         for item in session.items:
             item.stash[overrides_key] = read_marker(item, markers)
+        self._make_basetemp()
+
+    def _make_basetemp(self) -> None:
+        """Make the run's base temp directory here, before any fork, so that
+        every worker numbers its ``tmp_path`` directories in the same one (as
+        plain pytest does) instead of making one each; and so that a given
+        ``--basetemp`` (which pytest-xdist gives every node) is emptied once,
+        not again by every worker."""
+        if self.in_worker:
+            return
+        factory = getattr(self.config, "_tmp_path_factory", None)
+        if factory is None or getattr(factory, "_basetemp", None) is not None:
+            return
+        # On OSError the tests that use tmp_path get the error themselves,
+        # as they would without isolation.
+        with contextlib.suppress(OSError):
+            self._basetemp = factory.getbasetemp()
+
+    def _drop_unused_basetemp(self) -> None:
+        """A base temp directory no test used is removed: plain pytest would
+        not have made it, and it would take a place in the retention count."""
+        basetemp = self._basetemp
+        if basetemp is None:
+            return
+        path = str(basetemp)
+        with contextlib.suppress(OSError):
+            if not os.listdir(path):
+                os.rmdir(path)
+                current = os.path.join(os.path.dirname(path), "pytest-current")
+                if os.path.islink(current) and not os.path.exists(current):
+                    os.unlink(current)
 
     @pytest.hookimpl(optionalhook=True, tryfirst=True)
     def pytest_timeout_set_timer(self) -> bool | None:
@@ -220,9 +289,17 @@ class Controller:
         data = output.get("isolator_memory")
         if data:
             self.memory.merge(data)
+        node_id = output.get("workerid", "?")
         self.lingering.extend(
-            (f"{output.get('workerid', '?')}/{label}", nodeid, names)
+            (f"{node_id}/{label}", nodeid, names)
             for label, nodeid, names in output.get("isolator_lingering", [])
+        )
+        self.leftovers.extend(
+            (f"{node_id}/{label}", [leftovers.Leftover(*fields) for fields in gone])
+            for label, gone in output.get("isolator_leftovers", [])
+        )
+        self.faults.extend(
+            (f"{node_id}/{label}", text) for label, text in output.get("isolator_faults", [])
         )
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -233,7 +310,14 @@ class Controller:
             # An xdist node: its controller reports for all nodes.
             workeroutput["isolator_memory"] = self.memory.to_dict()
             workeroutput["isolator_lingering"] = self.lingering
-            return (yield)
+            workeroutput["isolator_leftovers"] = [
+                (label, [dataclasses.astuple(gone) for gone in procs])
+                for label, procs in self.leftovers
+            ]
+            workeroutput["isolator_faults"] = self.faults
+            result = yield
+            self._drop_unused_basetemp()
+            return result
         settings = {
             "mode": self.settings.mode,
             "budget_bytes": self.settings.budget_bytes,
@@ -258,9 +342,22 @@ class Controller:
                 pytest.PytestWarning(f"isolator: could not write the memory report: {exc}"),
                 stacklevel=1,
             )
-        return (yield)
+        result = yield
+        self._drop_unused_basetemp()
+        return result
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.leftovers:
+            terminalreporter.write_sep("=", "isolator: processes left running")
+            for label, procs in self.leftovers:
+                count = f"{len(procs)} process{'es' if len(procs) > 1 else ''}"
+                terminalreporter.write_line(f"worker {label} left {count} running:")
+                for gone in procs:
+                    terminalreporter.write_line(f"  {gone.describe()}")
+        if self.faults:
+            terminalreporter.write_sep("=", "isolator: worker faults outside the test phases")
+            for label, text in self.faults:
+                terminalreporter.write_line(f"worker {label}: {text.rstrip()}")
         if self.lingering:
             terminalreporter.write_sep("=", "isolator: threads left running")
             for label, nodeid, names in self.lingering:
@@ -293,6 +390,42 @@ class Controller:
             if not proc.exited:
                 proc._reap()
         self.ending.clear()
+        if self._spawned:
+            self._end_orphans(None)
+
+    def _end_orphans(self, proc: WorkerProcess | None) -> None:
+        """End the processes that workers left to this process (it is their
+        subreaper) when they ended without ending them themselves: after
+        ``proc`` died, or (None) at the end of the run.
+
+        Only processes that provably came from a worker of this run are
+        touched: those tagged in their environment, and forks that never
+        called exec (they still run this process's command line)."""
+        workers = {p.pid for p in (self.current, self.parked, self.standby) if p is not None}
+        workers.update(p.pid for p in self.ending)
+        roots: list[int] = []
+        blame: dict[int, str] = {}
+        for pid in leftovers.children():
+            if pid in workers:
+                continue
+            process = psutil.Process(pid)
+            tag = leftovers.environ_of(process).get(leftovers.TAG, "")
+            if tag.startswith(f"{self._token} "):
+                blame[pid] = tag.split(" ", 1)[1]
+            elif not (proc is not None and self._cmdline and _cmdline_of(pid) == self._cmdline):
+                continue
+            roots.append(pid)
+        if not roots:
+            return
+
+        ended = leftovers.end(
+            leftovers.descendants(roots), lambda pid, process: leftovers.test_from_environ(process)
+        )
+        by_worker: dict[str, list[leftovers.Leftover]] = {}
+        fallback = proc.label if proc is not None else "?"
+        for gone in ended:
+            by_worker.setdefault(blame.get(gone.pid, fallback), []).append(gone)
+        self.leftovers.extend(by_worker.items())
 
     # -- workers ---------------------------------------------------------
 
@@ -346,7 +479,10 @@ class Controller:
         self.current = proc
         self._reap_ended()
         if self.standby is None and nextitem is not None:
-            self.standby = self._spawn()
+            # Only a head start: if it cannot be had now, the next unit forks
+            # its own worker (and says so if that fails too).
+            with contextlib.suppress(OSError):
+                self.standby = self._spawn()
         return proc
 
     def _admit(self, budget: int | None) -> None:
@@ -416,20 +552,26 @@ class Controller:
                 self._dispatch(proc, message)
 
     def _retire(self, proc: WorkerProcess) -> None:
+        crashed = False
         if proc.started:
             reason = "stopped"
             if self.interrupted and proc is self.current:
                 reason = "interrupted"
-            elif proc.exited and proc.wait_status is not None and not proc.done:
-                reason = f"crashed: {proc.how_it_ended()}"
+            elif (proc.exited and not proc.done) or proc.garbled is not None:
+                reason = proc.ending().short
+                crashed = True
             elif proc.done:
                 reason = proc.leave_reason or "unit done"
-            self.memory.worker_ended(proc.label, reason, time.time())
+            self.memory.worker_ended(proc.label, reason, time.time(), crashed=crashed)
         proc.stop()
+        proc.beacon.close()
         if proc is self.current:
             self.current = None
         if not proc.exited:
             self.ending.append(proc)
+        elif crashed:
+            # It could not end what its tests left running; they are ours now.
+            self._end_orphans(proc)
 
     def _reap_ended(self) -> None:
         if self.ending:
@@ -445,33 +587,44 @@ class Controller:
         gc.freeze()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+        if self._spawned == 1:
+            # Processes that workers leave behind when they die come here,
+            # not to init, so that they can be found and ended.
+            leftovers.become_subreaper(self._prctl)
         read_fd, write_fd = os.pipe()
         go_read, go_write = os.pipe()
         fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
+        beacon = Beacon()
         cgroup = self.cgroups.for_worker(label) if self.cgroups is not None else None
         pid = os.fork()
         if pid == 0:
             os.close(go_write)
-            self._become_worker(read_fd, write_fd, go_read, fault_fd, cgroup)
+            self._become_worker(label, read_fd, write_fd, go_read, fault_fd, beacon, cgroup)
         os.close(write_fd)
         os.close(go_read)
         # Also done in the worker; whichever runs first wins the race with a
         # kill of the group.
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
-        proc = WorkerProcess(label, pid, read_fd, go_write, fault_fd)
+        proc = WorkerProcess(label, pid, read_fd, go_write, fault_fd, beacon)
         proc.cgroup = cgroup
         return proc
 
     def _become_worker(
         self,
+        label: str,
         read_fd: int,
         write_fd: int,
         go_fd: int,
         fault_fd: int,
+        beacon: Beacon,
         cgroup: WorkerCgroup | None,
     ) -> None:
-        sender = Sender(write_fd)
+        def lost_pipe() -> None:
+            beacon.lost_pipe()
+            os._exit(3)
+
+        sender = Sender(write_fd, on_lost=lost_pipe)
         session = self.session
         try:
             self.in_worker = True
@@ -494,6 +647,11 @@ class Controller:
                 assert self.settings.ceiling_bytes is not None
                 cgroup.join(self.settings.ceiling_bytes)
                 self.plugin.cgroup = cgroup
+            leftovers.become_subreaper(self._prctl)
+            # Inherited by whatever the tests start with exec: if this worker
+            # dies, the parent can tell its leftovers from anyone else's.
+            os.environ[leftovers.TAG] = f"{self._token} {label}"
+            self.plugin.beacon = beacon
             # Other workers' pipes: holding them would hide those workers' end.
             for other in (self.current, self.parked, self.standby, *self.ending):
                 if other is not None:
@@ -510,9 +668,7 @@ class Controller:
                 os._exit(0)
             self.plugin.start(orders.limits)
         except BaseException:
-            import traceback
-
-            sender.send("internal", traceback.format_exc())
+            worker.fault(sender, None)
             sender.flush()
             os._exit(70)
         worker.run_unit(orders, line, self.plugin, sender)
@@ -547,23 +703,35 @@ class Controller:
         while True:
             message = proc.next_message(self.settings.sample_interval_s, lambda: self._sample(proc))
             if message is None:
-                if proc.done and not started:
+                # The beacon knows a test began even when the worker died
+                # before the word reached the pipe.
+                began = started or proc.began(self._position(item))
+                if proc.done and not began:
                     return False
-                # Died before this, its first test, began: killed while it
-                # waited (the OOM killer takes idle processes too) or a broken
-                # startup. The test did not run; try a fresh worker, unless
-                # workers keep dying like this (_report_lost counts the death
-                # that reaches the limit).
+                # Died before this test began: between two tests, or before
+                # its first one (killed while it waited, as the OOM killer
+                # kills idle processes too, or a broken startup). The test did
+                # not run; it gets a fresh worker, unless workers keep dying
+                # before their first test (_report_lost counts the death that
+                # reaches the limit).
                 if (
-                    not started
-                    and proc.pos == 0
+                    not began
                     and may_retry
-                    and self._stillborn + 1 < _STILLBORN_LIMIT
+                    and (proc.pos > 0 or self._stillborn + 1 < _STILLBORN_LIMIT)
                 ):
-                    self._stillborn += 1
+                    if proc.pos == 0:
+                        self._stillborn += 1
+                    elif proc.fault is None:
+                        self.faults.append(
+                            (
+                                self.memory.name(proc.label),
+                                f"{proc.ending().sentence} after {proc.last_nodeid} ended "
+                                f"and before {item.nodeid} began (it runs in a fresh worker)",
+                            )
+                        )
                     self._captured_by_lost_worker()
                     return False
-                self._report_lost(proc, item, started, outcomes)
+                self._report_lost(proc, item, started, began, outcomes)
                 return True
             kind = message[0]
             if kind == "logstart":
@@ -627,16 +795,28 @@ class Controller:
         elif kind == "interrupt":
             self._retire(proc)
             raise KeyboardInterrupt
-        elif kind == "internal":
-            self._retire(proc)
-            raise RuntimeError(
-                f"isolator: worker {proc.label} failed outside any test:\n{message[1]}"
+        elif kind == "leftovers":
+            self.leftovers.append(
+                (
+                    self.memory.name(proc.label),
+                    [leftovers.Leftover(*fields) for fields in message[1]],
+                )
             )
+        elif kind == "fault":
+            # The worker leaves now; the item in flight (if any) fails with
+            # this when the worker's end is noticed (_report_lost).
+            proc.fault = message[2]
+            if message[1] is None:
+                self.faults.append((self.memory.name(proc.label), message[2]))
+        elif kind == "garbled":
+            # What follows in the pipe cannot be trusted to be what it seems.
+            proc.garbled = message[1]
+            proc.stop()
         else:
             raise RuntimeError(f"isolator: unexpected message {kind!r} from {proc!r}")
 
-    @staticmethod
     def _replay_warning(
+        self,
         ihook: HookRelay,
         payload: dict[str, object],
         when: str,
@@ -644,6 +824,12 @@ class Controller:
         location: tuple[str, int, str] | None,
     ) -> None:
         category = payload["category"]
+        name = payload.get("category_name")
+        # pytest-xdist sends a category to its controller by module and name,
+        # where a stand-in class would not be found (it fails the same way on
+        # a category defined in a function without isolation).
+        if isinstance(name, str) and isinstance(category, type) and not self.feeding:
+            category = type(name, (category,), {})
         message = payload["message"]
         if message is None:
             try:
@@ -689,17 +875,26 @@ class Controller:
             if text
         ]
 
+    def _report_unstarted(self, item: pytest.Item, longrepr: str) -> None:
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        ihook.pytest_runtest_logreport(report=faults.stand_in_report(item, "setup", longrepr))
+        ihook.pytest_runtest_logreport(report=faults.stand_in_report(item, "teardown", None))
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+
     def _report_lost(
-        self, proc: WorkerProcess, item: pytest.Item, started: bool, outcomes: dict[str, str]
+        self,
+        proc: WorkerProcess,
+        item: pytest.Item,
+        started: bool,
+        began: bool,
+        outcomes: dict[str, str],
     ) -> None:
         """The worker died while running ``item``: fail the phase it was in."""
         ihook = item.ihook
-        stacks = proc.fault_stacks
-        timeout = overrides_of(item).timeout_s or self.settings.timeout_s
-        if timeout and stacks.startswith("Timeout ("):
-            how = f"timed out after {timeout:g}s and was killed"
-        else:
-            how = proc.how_it_ended()
+        # A fault's traceback says more than faulthandler's stacks would.
+        stacks = proc.fault or proc.fault_stacks
+        how = proc.ending().sentence
         cause = f"worker {proc.label} (PID {proc.pid}) {how} while running {item.nodeid}"
         hint = ""
         if proc.killed_by_ceiling:
@@ -715,7 +910,7 @@ class Controller:
         sections = self._captured_by_lost_worker()
         if not started:
             ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        if not started and proc.pos == 0:
+        if not began and proc.pos == 0:
             # Died before its first test: a broken conftest or startup does
             # this to every worker, and starting more would loop forever.
             self._stillborn += 1
@@ -735,6 +930,12 @@ class Controller:
             phase = "teardown"
         else:
             phase = None
+            if proc.fault is not None:
+                # Every phase had its report: the verdict stands, the fault is
+                # shown in the summary.
+                self.faults.append(
+                    (self.memory.name(proc.label), f"after {item.nodeid} reported:\n{proc.fault}")
+                )
         if phase is not None:
             longrepr = f"{cause} ({phase}){hint}"
             if stacks:

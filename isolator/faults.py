@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import signal
 from typing import Literal
 
@@ -26,6 +28,67 @@ def describe_status(wait_status: int | None) -> str:
     if os.WIFEXITED(wait_status):
         return f"exited with code {os.WEXITSTATUS(wait_status)}"
     return f"ended with wait status {wait_status}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Ending:
+    """How a worker that did not finish its unit ended."""
+
+    #: For the worker table: "timed out after 5s", "lost its pipe".
+    short: str
+    #: For the failed test: "worker w3 (PID 12) <sentence> while running ...".
+    sentence: str
+
+
+_TIMEOUT = re.compile(r"Timeout \((\d+):(\d\d):(\d\d)(?:\.(\d+))?\)!")
+
+
+def timed_out_after(stacks: str) -> float | None:
+    """The timeout faulthandler's watchdog reported, in seconds, if it fired."""
+    match = _TIMEOUT.match(stacks)
+    if match is None:
+        return None
+    hours, minutes, seconds, fraction = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + int(seconds) + float(f"0.{fraction or 0}")
+
+
+def how_it_ended(
+    wait_status: int | None,
+    *,
+    stacks: str = "",
+    fault: str | None = None,
+    pipe_lost: bool = False,
+    garbled: str | None = None,
+    ceiling: str | None = None,
+) -> Ending:
+    """The one account of an abnormal end that both the failed test and the
+    worker table give, most telling cause first."""
+    if garbled is not None:
+        return Ending(
+            "sent garbage",
+            f"sent a message the parent could not read ({garbled}) and was killed",
+        )
+    if fault is not None:
+        last = fault.strip().splitlines()[-1] if fault.strip() else "an error"
+        return Ending(f"fault: {last}", f"failed outside the test's phases ({last})")
+    if pipe_lost:
+        return Ending(
+            "lost its pipe",
+            "lost its pipe to the parent (did the test close file descriptors it did not "
+            "open?) and could not report",
+        )
+    timeout = timed_out_after(stacks)
+    if timeout is not None:
+        return Ending(
+            f"timed out after {timeout:g}s", f"timed out after {timeout:g}s and was killed"
+        )
+    if ceiling is not None:
+        # What the worker's memory cgroup saw (--worker-ceiling-kind=cgroup).
+        return Ending("killed by the memory ceiling (cgroup)", ceiling)
+    if killed_by(wait_status) == signal.SIGKILL:
+        return Ending("killed by SIGKILL (OOM killer?)", describe_status(wait_status))
+    status = describe_status(wait_status)
+    return Ending(status.removeprefix("was "), status)
 
 
 def killed_by(wait_status: int | None) -> int | None:

@@ -104,9 +104,16 @@ def uss_bytes(pid: int) -> int | None:
     """Another process's own memory (USS), or None if it is gone; walks its page
     tables (see the module docstring for the cost)."""
     try:
-        uss: int = psutil.Process(pid).memory_full_info().uss
+        return _uss(psutil.Process(pid))
     except (psutil.Error, OSError):
         return None
+
+
+def _uss(process: psutil.Process) -> int | None:
+    try:
+        uss: int = process.memory_full_info().uss
+    except (psutil.Error, OSError, MemoryError):
+        return None  # gone, or (a worker at its ceiling) no memory to read it with
     return uss
 
 
@@ -139,6 +146,9 @@ class Meter:
         self._process = psutil.Process()
         now = probe.sample()
         self._anchor = dataclasses.replace(now, own_bytes=now.faults * _PAGE)
+        #: What the last call returned: the answer when there is no memory
+        #: left to measure with (a worker at its ceiling).
+        self._last = self._anchor
         self._read_at = time.monotonic()
         self._read_cost_s = now.rss_bytes * _READING_S_PER_BYTE
         #: USS readings taken (for the tests of this class, and curiosity).
@@ -146,6 +156,11 @@ class Meter:
 
     def read(self, growth_limit_bytes: int | None = None) -> Sample:
         """Own memory now: the last reading carried forward, or a new one when due."""
+        with contextlib.suppress(MemoryError):
+            self._last = self._read(growth_limit_bytes)
+        return self._last
+
+    def _read(self, growth_limit_bytes: int | None) -> Sample:
         now = self._carried(self.probe.sample())
         drift = now.drift_bytes
         age_s = time.monotonic() - self._read_at
@@ -155,7 +170,7 @@ class Meter:
             or age_s * _AGE_SHARE >= self._read_cost_s
             or (growth_limit_bytes is not None and drift > growth_limit_bytes // 10)
         ):
-            return self.read_exactly()
+            return self._read_exactly()
         return now
 
     def _carried(self, now: Sample) -> Sample:
@@ -170,8 +185,13 @@ class Meter:
 
     def read_exactly(self) -> Sample:
         """Own memory now, read from the page tables."""
+        with contextlib.suppress(MemoryError):
+            self._last = self._read_exactly()
+        return self._last
+
+    def _read_exactly(self) -> Sample:
         started = time.monotonic()
-        uss = uss_bytes(os.getpid())
+        uss = _uss(self._process)
         now = self.probe.sample()
         finished = time.monotonic()
         if uss is None:  # smaps_rollup unreadable: carry on with what we have
@@ -283,6 +303,29 @@ def explain_ceiling_failure(
         failure.add_note(f"isolator: {explanation}")
     with contextlib.suppress(AttributeError, TypeError):
         failure._isolator_explained = True  # type: ignore[attr-defined]
+    return True
+
+
+#: Address space a worker may map past its ceiling once it has hit it, only to
+#: report that failure: pytest needs memory to format the traceback, and a
+#: worker with none left would die before the test had a verdict.
+RESERVE_BYTES = 64 << 20
+
+
+def open_reserve() -> bool:
+    """Raise the soft RLIMIT_AS by :data:`RESERVE_BYTES`; True if it was raised.
+
+    The hard limit is left where it was when the ceiling was set (usually
+    unlimited), so raising the soft one needs no privilege."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return False
+    raised = soft + RESERVE_BYTES
+    if hard != resource.RLIM_INFINITY:
+        raised = min(raised, hard)
+    if raised <= soft:
+        return False
+    resource.setrlimit(resource.RLIMIT_AS, (raised, hard))
     return True
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pytest
 
 from isolator import faults, worker
+from isolator.beacon import Beacon
 from isolator.cgroup import Ending, WorkerCgroup
 from isolator.wire import Message, Receiver, Sender
 
@@ -33,6 +34,7 @@ class WorkerProcess:
         read_fd: int,
         go_fd: int,
         fault_fd: int,
+        beacon: Beacon,
     ) -> None:
         self.label = label
         self.pid = pid
@@ -58,6 +60,11 @@ class WorkerProcess:
         #: read when the worker is reaped; the cgroup is removed then.
         self.cgroup: WorkerCgroup | None = None
         self.cgroup_ending: Ending | None = None
+        #: What the worker said went wrong outside the test phases, if it did.
+        self.fault: str | None = None
+        #: Why the parent could not read what the worker sent, if it could not.
+        self.garbled: str | None = None
+        self.beacon = beacon
         self.receiver = Receiver(read_fd)
         self.go_fd = go_fd
         self.fault_fd = fault_fd
@@ -69,20 +76,16 @@ class WorkerProcess:
     def __repr__(self) -> str:
         if self.wait_status is None:
             return f"<worker {self.label} running with PID {self.pid}>"
-        return f"<worker {self.label} (PID {self.pid}) {self.how_it_ended()}>"
+        return f"<worker {self.label} (PID {self.pid}) {faults.describe_status(self.wait_status)}>"
 
     @property
     def killed_by_ceiling(self) -> bool:
-        """The kernel killed it (or a process in its cgroup) for going over
-        the cgroup ceiling."""
-        return self.cgroup_ending is not None and self.cgroup_ending.oom_kills > 0
-
-    def how_it_ended(self) -> str:
-        """``was killed by the memory ceiling (cgroup ...)``, ``exited with code 3``..."""
-        if self.killed_by_ceiling and faults.killed_by(self.wait_status) == signal.SIGKILL:
-            assert self.cgroup_ending is not None
-            return self.cgroup_ending.describe()
-        return faults.describe_status(self.wait_status)
+        """The kernel killed it for going over the cgroup ceiling."""
+        return (
+            self.cgroup_ending is not None
+            and self.cgroup_ending.oom_kills > 0
+            and faults.killed_by(self.wait_status) == signal.SIGKILL
+        )
 
     @property
     def exited(self) -> bool:
@@ -94,6 +97,23 @@ class WorkerProcess:
         read all it wrote. (A worker runs ahead of the replay, so it may
         well have exited while reports of earlier tests still wait here.)"""
         return self.exited and not self.receiver.pending()
+
+    def ending(self) -> faults.Ending:
+        """How this worker ended, once it has (see :func:`faults.how_it_ended`)."""
+        cgroup = self.cgroup_ending
+        return faults.how_it_ended(
+            self.wait_status,
+            stacks=self.fault_stacks,
+            fault=self.fault,
+            pipe_lost=self.beacon.pipe_lost,
+            garbled=self.garbled,
+            ceiling=cgroup.describe() if cgroup is not None and self.killed_by_ceiling else None,
+        )
+
+    def began(self, position: int | None) -> bool:
+        """Whether the worker began the item at ``position`` in ``session.items``
+        (it may have died before saying so on the pipe)."""
+        return position is not None and self.beacon.position == position
 
     def expects(self, item: pytest.Item) -> bool:
         return (

@@ -52,8 +52,11 @@ class WorkerMemory:
     peak_bytes: int = 0
     end_bytes: int = 0
     tests: int = 0
-    #: unit done, recycled (over budget / near ceiling), ceiling hit, crashed: ..., stopped
+    #: unit done, recycled: ..., ceiling hit, stopped, interrupted, or how it
+    #: died: timed out after 5s, lost its pipe, killed by SIGKILL (OOM killer?), ...
     ended: str = "running"
+    #: It died before finishing its unit (``ended`` says how).
+    crashed: bool = False
     #: (seconds since run start, own memory) at the start and after each test,
     #: and every sample interval while a test runs.
     samples: list[tuple[float, int]] = dataclasses.field(default_factory=list)
@@ -124,11 +127,12 @@ class RunMemory:
         if worker is not None:
             worker.gc = stats
 
-    def worker_ended(self, label: str, reason: str, at: float) -> None:
+    def worker_ended(self, label: str, reason: str, at: float, *, crashed: bool = False) -> None:
         worker = self.workers.get(label)
         if worker is None or worker.ended_s is not None:
             return
         worker.ended = reason
+        worker.crashed = crashed
         worker.ended_s = at - self.t0
 
     def merge(self, other: dict[str, Any]) -> None:
@@ -166,7 +170,7 @@ class RunMemory:
                 "workers": len(self.workers),
                 "tests": len(self.tests),
                 "recycled": len(self.recycled),
-                "crashed": sum(w.ended.startswith("crashed") for w in self.workers.values()),
+                "crashed": sum(w.crashed for w in self.workers.values()),
                 "largest_peak_bytes": largest.peak_bytes if largest else 0,
                 "largest_peak_worker": self._display(largest) if largest else None,
                 "admission_waits": self.admission_waits,
@@ -203,7 +207,7 @@ class RunMemory:
                     f"{format_size(worker.end_bytes):>8}  {worker.ended}"
                 )
         largest = max(workers, key=lambda w: w.peak_bytes)
-        crashed = sum(w.ended.startswith("crashed") for w in workers)
+        crashed = sum(w.crashed for w in workers)
         largest_name = (
             largest.label if largest.node == "main" else f"{largest.node}/{largest.label}"
         )

@@ -22,7 +22,14 @@ leaves.
 
 The worker never returns into pytest: it leaves with ``os._exit`` so that
 nothing the parent set up (session finish hooks, atexit handlers, a
-non-daemon thread a test left running) runs or waits a second time.
+non-daemon thread a test left running) runs or waits a second time. Before it
+leaves, it ends the processes its tests left running (see ``leftovers``).
+
+Whatever goes wrong in the worker outside the test phases pytest protects
+(a plugin's hook raising, MemoryError while pytest formats a failure) is sent
+to the parent as a *fault* of the item in flight, which the parent reports as
+that test's failure; the worker then leaves and the unit goes on in a fresh
+one.
 """
 
 from __future__ import annotations
@@ -41,9 +48,11 @@ import warnings
 from collections.abc import Generator
 from typing import Any, NoReturn
 
+import psutil
 import pytest
 
-from isolator import memory
+from isolator import leftovers, memory
+from isolator.beacon import Beacon
 from isolator.cgroup import WorkerCgroup
 from isolator.settings import overrides_of
 from isolator.sizes import format_size
@@ -123,6 +132,14 @@ class WorkerPlugin:
         self.gc_at_start: list[dict[str, int]] = []
         #: The worker's memory cgroup, under the cgroup ceiling (set in the worker).
         self.cgroup: WorkerCgroup | None = None
+        #: Where the parent reads which item this worker began last.
+        self.beacon: Beacon | None = None
+        #: (CLOCK_BOOTTIME, nodeid) of each test's start: which test a
+        #: left-over process was started during.
+        self.test_starts: list[tuple[float, str]] = []
+        self._reserve_opened = False
+        #: Building a report again, after the first try ran out of memory.
+        self._rebuilding = False
 
     def start(self, limits: Limits) -> None:
         """Begin measuring, and set the ceiling; called once the unit starts."""
@@ -160,6 +177,7 @@ class WorkerPlugin:
             faulthandler.dump_traceback_later(self._timeout_s, exit=True, file=self.limits.fault_fd)
         self.probe.reset_peak()
         self._test_start = self._after_setup = self.meter.read(self._growth_limit)
+        self.test_starts.append((time.clock_gettime(time.CLOCK_BOOTTIME), nodeid))
         self.sender.send("logstart", nodeid, location)
 
     @pytest.hookimpl
@@ -167,7 +185,8 @@ class WorkerPlugin:
         if not self.live:
             return
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
-        self.sender.send("report", data)
+        # Whatever a test or plugin put in the report crosses, as text if need be.
+        self.sender.send_builtins("report", data)
         # Flushed per report so a crash in the next phase still leaves the
         # parent knowing which phases finished.
         self.sender.flush()
@@ -191,7 +210,9 @@ class WorkerPlugin:
 
     # -- time ------------------------------------------------------------
 
-    @pytest.hookimpl(wrapper=True)
+    # The outermost wrapper: an error raised by any other plugin's part of
+    # the protocol reaches it, and is the item's fault (see run_unit).
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item) -> Generator[None, object, object]:
         if not self.live:
             return (yield)
@@ -199,15 +220,16 @@ class WorkerPlugin:
         self._timeout_s = overrides.timeout_s or self.limits.timeout_s
         self._growth_limit = overrides.growth_limit_bytes or self.limits.growth_limit_bytes
         try:
-            return (yield)
+            result = yield
         finally:
             if self._timeout_s:
                 faulthandler.cancel_dump_traceback_later()
-            # The item is over only now: a plugin may log it more than once
-            # (pytest-rerunfailures logs each attempt from logstart to
-            # logfinish), and its warnings are recorded after its logfinish.
-            self.sender.send("finished", item.nodeid, self._test_stats)
-            self.sender.flush()
+        # The item is over only now: a plugin may log it more than once
+        # (pytest-rerunfailures logs each attempt from logstart to
+        # logfinish), and its warnings are recorded after its logfinish.
+        self.sender.send("finished", item.nodeid, self._test_stats)
+        self.sender.flush()
+        return result
 
     # -- memory ----------------------------------------------------------
 
@@ -219,13 +241,40 @@ class WorkerPlugin:
             if self.live and self.meter is not None:
                 self._after_setup = self.meter.read(self._growth_limit)
 
-    @pytest.hookimpl(wrapper=True)
+    # The outermost wrapper: a report that cannot be built is caught here,
+    # whichever plugin's part of the building failed.
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_makereport(
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        if self._rebuilding:
+            return (yield)
         if self.live and call.excinfo is not None:
             self._explain_memory_error(item, call.excinfo.value)
-        report = yield
+        try:
+            report = yield
+        except MemoryError:
+            if not self.live or not self.open_reserve():
+                raise
+            # The ceiling was reached while pytest or a plugin built the
+            # report (formatting a traceback takes memory; the test may have
+            # caught its own MemoryErrors and failed otherwise). With the
+            # reserve open, every plugin builds it again, so that none is
+            # left with half its state for this test.
+            self._rebuilding = True
+            try:
+                report = item.ihook.pytest_runtest_makereport(item=item, call=call)
+            finally:
+                self._rebuilding = False
+            report.sections.append(
+                (
+                    "isolator",
+                    f"worker {self.limits.label} reached its RLIMIT_AS ceiling "
+                    f"({format_size(self.limits.ceiling_bytes or 0)}) while pytest built this "
+                    "report; it was built from the worker's reserve, and the worker is "
+                    "replaced after this test",
+                )
+            )
         if self.live and call.when == "teardown":
             start, after_setup, peak, end, _ = self._test_stats
             report.user_properties.append((PEAK_PROPERTY, max(peak - start, 0)))
@@ -238,7 +287,41 @@ class WorkerPlugin:
             return  # no RLIMIT_AS here
         mapped = self.probe.sample().vm_bytes - self.base.vm_bytes
         if memory.explain_ceiling_failure(error, self.limits.label, item.name, ceiling, mapped):
-            self.recycle_reason = "ceiling hit"
+            # pytest needs memory to format this failure.
+            self.open_reserve()
+
+    def open_reserve(self) -> bool:
+        """Let this worker map a little past its ceiling, to report that it
+        hit it; it leaves at the next test boundary. False if there is no
+        ceiling, or the reserve was used already."""
+        if self._reserve_opened or self.limits.ceiling_bytes is None or self.cgroup is not None:
+            return False
+        self._reserve_opened = True
+        self.recycle_reason = "ceiling hit"
+        return memory.open_reserve()
+
+    def test_of(self, pid: int, process: psutil.Process) -> str:
+        """The test that was running in this worker when process ``pid`` started."""
+        named = leftovers.test_from_environ(process)
+        if named:
+            return named
+        # A fork that never called exec has this process's environment block.
+        started = leftovers.started_at(pid)
+        if started is None or not self.test_starts:
+            return ""
+        # The start time has a resolution of a clock tick (10 ms): the test
+        # whose start is the last one before it is the best guess there is.
+        candidates = [nodeid for at, nodeid in self.test_starts if at <= started + 0.01]
+        return candidates[-1] if candidates else self.test_starts[0][1]
+
+    def end_leftovers(self) -> None:
+        """End what the unit's tests left running, and tell the parent."""
+        roots = leftovers.children()
+        if not roots:
+            return
+        ended = leftovers.end(leftovers.descendants(roots), self.test_of)
+        if ended:
+            self.sender.send("leftovers", [dataclasses.astuple(gone) for gone in ended])
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_teardown(
@@ -341,8 +424,21 @@ def encode_warning(message: warnings.WarningMessage) -> dict[str, Any]:
     try:
         pickle.dumps(message.category)
     except Exception:
-        payload["category"] = UserWarning
+        # A category defined in a function: the parent gets a stand-in of
+        # the same name, so the warnings summary reads the same.
+        payload["category"] = next(
+            (base for base in message.category.__mro__[1:] if _picklable(base)), UserWarning
+        )
+        payload["category_name"] = message.category.__name__
     return payload
+
+
+def _picklable(obj: object) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:
+        return False
+    return True
 
 
 def _route_report_hooks(config: pytest.Config, plugin: WorkerPlugin) -> None:
@@ -439,7 +535,8 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
     code = 0
     session = line.session
     items = session.items
-    plan = [items[index] for index in orders.plan]
+    positions = list(orders.plan)
+    plan = [items[index] for index in positions]
     open_ended = orders.open_ended
     try:
         index = 0
@@ -455,18 +552,34 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
                 if following is None:
                     open_ended = False
                 else:
+                    positions.append(following)
                     plan.append(items[following])
             nextitem = plan[index + 1] if index + 1 < len(plan) else None
-            item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            if plugin.beacon is not None:
+                plugin.beacon.began(positions[index])
+            try:
+                item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            except (pytest.exit.Exception, KeyboardInterrupt):
+                raise
+            except BaseException:
+                # Outside the phases pytest protects: this item's failure, and
+                # this worker's end (its state is whatever the error left).
+                plugin.open_reserve()
+                fault(sender, item.nodeid)
+                _teardown_quietly(session)
+                code = 3
+                break
             if session.shouldfail or session.shouldstop or plugin.recycle_reason:
                 break
             index += 1
-        # A stop decided in the last teardown's report left fixtures standing.
-        session._setupstate.teardown_exact(None)
-        save_coverage(plugin.coverage_file)
-        if orders.gc_stats:
-            sender.send("gc", gc_delta(plugin.gc_at_start))
-        sender.send("done", plugin.recycle_reason, lingering_threads())
+        if not code:
+            # A stop decided in the last teardown's report left fixtures standing.
+            session._setupstate.teardown_exact(None)
+            save_coverage(plugin.coverage_file)
+            if orders.gc_stats:
+                sender.send("gc", gc_delta(plugin.gc_at_start))
+            plugin.end_leftovers()
+            sender.send("done", plugin.recycle_reason, lingering_threads())
     except pytest.exit.Exception as exc:
         _teardown_quietly(session)
         sender.send("exit", exc.msg, exc.returncode)
@@ -474,10 +587,25 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
         _teardown_quietly(session)
         sender.send("interrupt")
     except BaseException:
-        sender.send("internal", traceback.format_exc())
+        plugin.open_reserve()
+        fault(sender, None)
         code = 3
     finally:
+        if code:
+            with contextlib.suppress(BaseException):
+                plugin.end_leftovers()
         _leave(sender, code)
+
+
+def fault(sender: Sender, nodeid: str | None) -> None:
+    """Tell the parent what went wrong, for the item in flight (``nodeid``)
+    or for the worker as a whole (None)."""
+    try:
+        text = traceback.format_exc()
+    except BaseException:
+        exc = sys.exc_info()[1]
+        text = f"{type(exc).__name__} (its traceback could not be formatted)"
+    sender.send("fault", nodeid, text)
 
 
 def coverage_data_file() -> str | None:

@@ -207,15 +207,9 @@ def test_workers_that_die_before_any_test_stop_the_run(
     pytester.makeconftest(
         """
         import os
-        import pytest
 
-        PARENT = os.getpid()
-
-        @pytest.hookimpl(wrapper=True)
-        def pytest_runtest_protocol(item):
-            if os.getpid() != PARENT:
-                os._exit(42)  # every worker dies before its first test starts
-            return (yield)
+        # Every worker dies as it starts, before its first test begins.
+        os.register_at_fork(after_in_child=lambda: os._exit(42))
         """
     )
     pytester.makepyfile(test_many="\n".join(f"def test_{i}(): pass" for i in range(10)))

@@ -292,6 +292,7 @@ def test_json_report_schema(pytester: pytest.Pytester, isolated: IsolatedRunner)
         "end_bytes",
         "tests",
         "ended",
+        "crashed",
         "samples",
         "gc",
     }

@@ -1,0 +1,585 @@
+"""Every collected test ends with exactly one verdict, whatever it does to its
+worker, and nothing it started outlives the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import IsolatedRunner
+
+MODES = ["module", "test", "marked", "shared"]
+#: The same, plus module mode spread over two pytest-xdist nodes.
+MODES_AND_XDIST = [*MODES, "module-n2"]
+
+
+def mode_args(mode: str, *args: str) -> list[str]:
+    """Options for ``mode`` ("module-n2": module mode under ``-n 2``)."""
+    extra: list[str] = []
+    if mode == "module-n2":
+        mode, extra = "module", ["-n", "2", "--dist", "loadfile"]
+    if mode == "shared" and not any(arg.startswith("--worker-mem") for arg in args):
+        extra.append("--worker-mem=1GB")
+    return [f"--isolate={mode}", *extra]
+
+
+def run(isolated: IsolatedRunner, mode: str, *args: str) -> pytest.RunResult:
+    return isolated.pytester.runpytest("-p", "isolator", *mode_args(mode, *args), *args)
+
+
+def without_basetemp(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """A run in a subprocess without the ``--basetemp`` pytester always gives."""
+    return pytester.run(sys.executable, "-m", "pytest", "-p", "isolator", *args)
+
+
+def no_internal_error(result: pytest.RunResult) -> None:
+    text = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in text, text[-3000:]
+
+
+def count_testcases(xml: Path) -> int:
+    return xml.read_text().count("<testcase ")
+
+
+# -- faults that used to end the run -----------------------------------------
+
+HOG = """
+    import pytest
+
+    def hoard():
+        # Take every byte of address space the ceiling allows, down to the
+        # smallest pieces, and keep it: pytest then has nothing left to
+        # format the failure with.
+        kept = []
+        size = 1 << 24
+        while size >= 16:
+            try:
+                kept.append(bytearray(size))
+            except MemoryError:
+                size //= 2
+        return kept
+
+    @pytest.fixture
+    def exhausted():
+        kept = hoard()
+        raise ValueError(f"setup gave up after {len(kept)} pieces")
+
+    def test_before():
+        pass
+
+    def test_exhausts_then_fails():
+        kept = hoard()
+        assert len(kept) == -1
+
+    def test_exhausts_in_setup(exhausted):
+        pass
+
+    def test_after():
+        pass
+"""
+
+
+@pytest.mark.parametrize("mode", MODES_AND_XDIST)
+def test_memory_error_while_pytest_builds_the_report_fails_only_that_test(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, mode: str
+) -> None:
+    pytester.makepyfile(test_hog=HOG, test_other="def test_other():\n    pass\n")
+    xml = pytester.path / "out.xml"
+    result = run(isolated, mode, "--worker-mem=96MB", f"--junitxml={xml}")
+    no_internal_error(result)
+    result.assert_outcomes(passed=3, failed=1, errors=1)
+    # Each reports its own failure, not a worker that died.
+    result.stdout.fnmatch_lines_random(
+        ["E       assert * == -1", "E       ValueError: setup gave up after * pieces"]
+    )
+    assert "while running" not in result.stdout.str()
+    assert count_testcases(xml) == 5
+
+
+UNPICKLABLE_CONFTEST = """
+    import pytest
+
+    class Picky(Exception):
+        # Pickles, but unpickling calls Picky(message) and fails: the
+        # classic exception whose __init__ differs from its args.
+        def __init__(self, a, b):
+            super().__init__(f"{a}-{b}")
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(item, call):
+        report = yield
+        if item.name == "test_plugin_attribute":
+            report.picky = Picky(1, 2)
+        return report
+"""
+
+UNPICKLABLE = """
+    import threading, warnings
+
+    def test_lambda(record_property):
+        record_property("callback", lambda: 1)
+
+    def test_lock(record_property):
+        record_property("lock", threading.Lock())
+
+    def test_local_class(record_property):
+        class Local:
+            def __str__(self):
+                return "local-thing"
+        record_property("local", Local())
+
+    def test_plugin_attribute():
+        pass
+
+    def test_fails_with_one(record_property):
+        record_property("late", lambda: 2)
+        assert 0, "failing on purpose"
+
+    def test_warns_with_one():
+        class LocalWarning(UserWarning):
+            pass
+        warnings.warn(LocalWarning(threading.Lock()))
+
+    def test_fine():
+        pass
+"""
+
+
+@pytest.mark.parametrize("mode", MODES_AND_XDIST)
+def test_what_cannot_be_pickled_crosses_as_text(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, mode: str
+) -> None:
+    pytester.makeconftest(UNPICKLABLE_CONFTEST)
+    pytester.makepyfile(test_props=UNPICKLABLE)
+    xml = pytester.path / "out.xml"
+    # xunit1: record_property warns under junit's default family.
+    result = run(isolated, mode, f"--junitxml={xml}", "-o", "junit_family=xunit1", "-W", "always")
+    no_internal_error(result)
+    result.assert_outcomes(passed=6, failed=1, warnings=1)
+    # pytest-xdist cannot send a category defined in a function to its
+    # controller, so the category's first importable base stands in for it.
+    category = "UserWarning" if mode == "module-n2" else "LocalWarning"
+    result.stdout.fnmatch_lines(["*failing on purpose*", f"*: {category}: <unlocked*lock*"])
+    text = xml.read_text()
+    assert count_testcases(xml) == 7
+    # junit xml writes str() of a property's value, as it does without isolation.
+    assert 'name="local" value="local-thing"' in text
+    assert re.search(r'name="callback" value="&lt;function test_lambda', text)
+    assert re.search(r'name="lock" value="&lt;unlocked _thread.lock object', text)
+
+
+FAULTY_PLUGIN = """
+    import os
+    import pytest
+
+    COLLECTOR = os.getpid()
+
+    def in_worker(item, name):
+        return os.getpid() != COLLECTOR and item.name == name
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(item):
+        if in_worker(item, "test_fault_before"):
+            raise RuntimeError("plugin broke before the test")
+        result = yield
+        if in_worker(item, "test_fault_after"):
+            raise RuntimeError("plugin broke after the test")
+        return result
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(item, call):
+        report = yield
+        if call.when == "call" and in_worker(item, "test_fault_in_report"):
+            raise KeyError("plugin broke while reporting")
+        return report
+"""
+
+
+@pytest.mark.parametrize("mode", MODES_AND_XDIST)
+def test_an_error_outside_the_test_phases_is_that_tests_failure(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, mode: str
+) -> None:
+    pytester.makeconftest(FAULTY_PLUGIN)
+    names = ["first", "fault_before", "middle", "fault_in_report", "fault_after", "last"]
+    pytester.makepyfile(test_faults="\n".join(f"def test_{n}():\n    pass\n" for n in names))
+    xml = pytester.path / "out.xml"
+    result = run(isolated, mode, "-v", f"--junitxml={xml}")
+    no_internal_error(result)
+    # Before the test: its setup fails; while reporting its call: the call
+    # fails; after all its phases reported: it keeps its verdict, and the
+    # fault is shown in the summary.
+    result.assert_outcomes(passed=4, failed=1, errors=1)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*failed outside the test's phases (RuntimeError: plugin broke before the test)"
+            " while running test_faults.py::test_fault_before (setup)*",
+            "*failed outside the test's phases (KeyError: 'plugin broke while reporting')"
+            " while running test_faults.py::test_fault_in_report (call)*",
+            "*isolator: worker faults outside the test phases*",
+            "*after test_faults.py::test_fault_after reported:*",
+            "*RuntimeError: plugin broke after the test*",
+        ]
+    )
+    assert count_testcases(xml) == 6
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_test_that_closes_the_pipe_fails_and_the_rest_run(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, mode: str
+) -> None:
+    pytester.makepyfile(
+        test_pipe="""
+            import os
+
+            def test_before():
+                pass
+
+            def test_closes_everything():
+                os.closerange(3, 65536)
+
+            def test_after():
+                pass
+        """
+    )
+    report = pytester.path / "mem.json"
+    result = run(isolated, mode, "-s", f"--isolate-report={report}")
+    no_internal_error(result)
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*lost its pipe to the parent*while running test_pipe.py::test_closes_everything*"]
+    )
+    ended = [w["ended"] for w in json.loads(report.read_text())["workers"]]
+    assert "lost its pipe" in ended
+
+
+@pytest.mark.parametrize("mode", ["module", "test"])
+def test_a_forked_child_that_returns_into_pytest_runs_nothing(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, mode: str
+) -> None:
+    pytester.makepyfile(
+        test_fork="""
+            import os, pathlib
+
+            def test_forks_and_returns():
+                pid = os.fork()
+                if pid == 0:
+                    return  # the child goes back into pytest's code
+                _, status = os.waitpid(pid, 0)
+                assert os.waitstatus_to_exitcode(status) == 0
+
+            def test_after():
+                with open("ran.txt", "a") as f:
+                    f.write(f"{os.getpid()}\\n")
+        """
+    )
+    result = run(isolated, mode, "-v")
+    no_internal_error(result)
+    result.assert_outcomes(passed=2)
+    assert result.stdout.str().count("test_forks_and_returns PASSED") == 1
+    assert len((pytester.path / "ran.txt").read_text().split()) == 1
+
+
+def test_a_crash_in_each_modules_first_setup_does_not_stop_the_run(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    """The test began, so its worker's death is its failure, not a worker
+    that died before its first test (three of which stop the run)."""
+    pytester.makeconftest(
+        """
+        import os, pytest
+
+        @pytest.fixture
+        def dies():
+            os._exit(4)
+        """
+    )
+    for i in range(4):
+        pytester.makepyfile(**{f"test_m{i}": "def test_first(dies):\n    pass\n"})
+    result = isolated.run("module")
+    result.assert_outcomes(errors=4)
+    assert "stopping" not in result.stdout.str()
+
+
+def test_a_worker_that_cannot_be_forked_fails_its_test_only(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makeconftest(
+        """
+        import errno, os
+
+        real_fork = os.fork
+        calls = 0
+
+        def fork():
+            # The second fork (the standby) and the third (test_2's own
+            # worker) are refused, as under a process limit.
+            global calls
+            calls += 1
+            if calls in (2, 3):
+                raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+            return real_fork()
+
+        os.fork = fork
+        """
+    )
+    pytester.makepyfile(test_f="".join(f"def test_{i}():\n    pass\n\n" for i in range(1, 5)))
+    result = isolated.run("test", "-v")
+    no_internal_error(result)
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*isolator could not start a worker for test_f.py::test_2: [[]Errno 11[]]*"]
+    )
+
+
+# -- how each worker ended ----------------------------------------------------
+
+
+def test_the_worker_table_says_how_each_worker_ended(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_ends="""
+            import os, signal, time
+
+            def test_hangs():
+                time.sleep(60)
+
+            def test_killed():
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            def test_closes_its_pipe():
+                os.closerange(3, 65536)
+
+            def test_exits():
+                os._exit(7)
+        """
+    )
+    report = pytester.path / "mem.json"
+    result = isolated.run("test", "-s", "--isolate-timeout=1", f"--isolate-report={report}")
+    result.assert_outcomes(failed=4)
+    workers = json.loads(report.read_text())["workers"]
+    ended = sorted(w["ended"] for w in workers)
+    assert ended == [
+        "exited with code 7",
+        "killed by SIGKILL (OOM killer?)",
+        "lost its pipe",
+        "timed out after 1s",
+    ]
+    assert all(w["crashed"] for w in workers)
+    result.stdout.fnmatch_lines_random(
+        ["*timed out after 1s", "*killed by SIGKILL (OOM killer?)", "*lost its pipe"]
+    )
+
+
+# -- processes left behind ----------------------------------------------------
+
+ESCAPING = """
+    import os, pathlib, subprocess, sys, time
+
+    TOKEN = {token!r}
+    SLEEP = "import time; time.sleep(300)"
+
+    def test_new_session():
+        subprocess.Popen([sys.executable, "-c", SLEEP, TOKEN + "-setsid"], start_new_session=True)
+
+    def test_daemon():
+        # The classic double fork: the daemon's parent exits at once.
+        ready = pathlib.Path(TOKEN + ".daemon")
+        daemon = f"open({{str(ready)!r}}, 'w').close(); {{SLEEP}}"
+        code = (
+            "import os, sys\\n"
+            "if os.fork(): os._exit(0)\\n"
+            "os.setsid()\\n"
+            "if os.fork(): os._exit(0)\\n"
+            "os.execv(sys.executable, [sys.executable, '-c', sys.argv[1], sys.argv[2]])"
+        )
+        subprocess.run([sys.executable, "-c", code, daemon, TOKEN + "-daemon"], check=True)
+        while not ready.exists():
+            time.sleep(0.01)
+
+    def test_forked_without_exec():
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            if os.fork():
+                os._exit(0)
+            pathlib.Path(TOKEN + ".pid").write_text(str(os.getpid()))
+            time.sleep(300)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        while not pathlib.Path(TOKEN + ".pid").exists():
+            time.sleep(0.01)
+
+    def test_orphan_in_the_group():
+        subprocess.run(["bash", "-c", f"exec -a {{TOKEN}}-orphan sleep 300 &"], check=True)
+
+    def test_fine():
+        pass
+"""
+
+CRASHES_AFTER_ESCAPING = """
+    import os, subprocess, sys
+
+    TOKEN = {token!r}
+
+    def test_escapes_then_crashes():
+        subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(300)", TOKEN + "-crash"],
+            start_new_session=True,
+        )
+        os._exit(9)
+
+    def test_after():
+        pass
+"""
+
+
+def processes_with(token: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if token.encode() in cmdline and state not in ("Z", "X"):
+            found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.parametrize("mode", MODES_AND_XDIST)
+def test_no_process_a_test_started_outlives_the_run(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, mode: str
+) -> None:
+    token = f"isolator-escape-{uuid.uuid4().hex[:12]}"
+    pytester.makepyfile(
+        test_escaping=ESCAPING.format(token=token),
+        test_crashing=CRASHES_AFTER_ESCAPING.format(token=token),
+    )
+    try:
+        result = run(isolated, mode)
+        no_internal_error(result)
+        result.assert_outcomes(passed=6, failed=1)
+        result.stdout.fnmatch_lines_random(
+            [
+                "*isolator: processes left running*",
+                f"*{token}-setsid, started during test_escaping.py::test_new_session*",
+                f"*{token}-daemon, started during test_escaping.py::test_daemon*",
+                f"*{token}-orphan*",
+                f"*{token}-crash, started during test_crashing.py::test_escapes_then_crashes*",
+            ]
+        )
+        assert processes_with(token) == []
+        forked = int((pytester.path / f"{token}.pid").read_text())
+        assert not alive(forked)
+    finally:
+        for pid in processes_with(token):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_process_that_ignores_sigterm_is_killed_after_the_grace(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    token = f"isolator-stubborn-{uuid.uuid4().hex[:12]}"
+    pytester.makepyfile(
+        test_stubborn=f"""
+            import subprocess, sys
+
+            CODE = (
+                "import signal as s, time; s.signal(s.SIGTERM, s.SIG_IGN); "
+                "print(1, flush=True); time.sleep(300)"
+            )
+
+            def test_stubborn():
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", CODE, {token!r}],
+                    start_new_session=True, stdout=subprocess.PIPE,
+                )
+                assert proc.stdout.readline() == b"1\\n"
+        """
+    )
+    try:
+        start = time.monotonic()
+        result = isolated.run("test")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(
+            [f"*{token}, started during*: killed with SIGKILL after ignoring SIGTERM for 2s"]
+        )
+        assert time.monotonic() - start < 60
+        assert processes_with(token) == []
+    finally:
+        for pid in processes_with(token):
+            os.kill(pid, signal.SIGKILL)
+
+
+# -- temporary directories ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES_AND_XDIST)
+def test_one_base_temp_directory_per_run(
+    pytester: pytest.Pytester,
+    isolated: IsolatedRunner,
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = pytester.path / "temproot"
+    root.mkdir()
+    monkeypatch.setenv("PYTEST_DEBUG_TEMPROOT", str(root))
+    body = "".join(
+        f"def test_{i}(tmp_path):\n    (tmp_path / 'f').write_text('x')\n\n" for i in range(12)
+    )
+    # One failure keeps the base directory (pytest's default retention).
+    pytester.makepyfile(test_tmp=body + "def test_fails(tmp_path):\n    assert 0\n")
+    result = without_basetemp(pytester, *mode_args(mode))
+    result.assert_outcomes(passed=12, failed=1)
+    (user_root,) = root.iterdir()
+    bases = sorted(p.name for p in user_root.iterdir() if p.name != "pytest-current")
+    assert bases == ["pytest-0"]
+    if mode == "module-n2":
+        # pytest-xdist gives each node a directory of its own inside it.
+        assert {p.name for p in (user_root / "pytest-0").iterdir()} <= {"popen-gw0", "popen-gw1"}
+
+
+@pytest.mark.parametrize("extra", [[], ["-n", "1"]], ids=["alone", "xdist"])
+def test_a_given_basetemp_is_emptied_once_not_by_every_worker(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, extra: list[str]
+) -> None:
+    pytester.makepyfile(
+        test_a="def test_a(tmp_path_factory):\n"
+        "    (tmp_path_factory.getbasetemp() / 'a.txt').write_text('a')\n",
+        test_b="def test_b(tmp_path_factory):\n"
+        "    assert (tmp_path_factory.getbasetemp() / 'a.txt').exists()\n",
+    )
+    basetemp = pytester.path / "bt"
+    result = isolated.run("module", f"--basetemp={basetemp}", *extra)
+    result.assert_outcomes(passed=2)
+
+
+def test_a_run_that_uses_no_temp_directory_leaves_none(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = pytester.path / "temproot"
+    root.mkdir()
+    monkeypatch.setenv("PYTEST_DEBUG_TEMPROOT", str(root))
+    pytester.makepyfile(test_x="def test_x():\n    assert 0\n")
+    without_basetemp(pytester, "--isolate=test").assert_outcomes(failed=1)
+    leftover = [p.name for p in root.rglob("pytest-[0-9]*")]
+    assert leftover == []
