@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -28,6 +29,8 @@ class Variant:
     name: str
     args: list[str]
     times: list[float] = field(default_factory=list)
+    #: CPU time (user + system) of the run and every process it waited for.
+    cpu: list[float] = field(default_factory=list)
     #: Extra environment (PYTHONPATH, to run another version of isolator).
     env: dict[str, str] = field(default_factory=dict)
 
@@ -35,9 +38,16 @@ class Variant:
     def median(self) -> float:
         return statistics.median(self.times)
 
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu)
 
-def run_once(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> float:
+
+def run_once(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Wall time and CPU time of one pytest run (the CPU time counts workers
+    too: each is waited for by the process that forked it)."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     completed = subprocess.run(
         command,
@@ -51,13 +61,17 @@ def run_once(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> f
     if completed.returncode not in (0, 1):
         tail = "\n".join((completed.stdout + completed.stderr).splitlines()[-15:])
         raise SystemExit(f"bench: {' '.join(args)} exited {completed.returncode}\n{tail}")
-    return elapsed
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return elapsed, cpu
 
 
 def measure(cwd: Path, variants: list[Variant], rounds: int) -> None:
     for _ in range(rounds):
         for variant in variants:
-            variant.times.append(run_once(cwd, variant.args, variant.env))
+            elapsed, cpu = run_once(cwd, variant.args, variant.env)
+            variant.times.append(elapsed)
+            variant.cpu.append(cpu)
 
 
 def report(title: str, variants: list[Variant], baseline: Variant | None, tests: int) -> None:
@@ -69,18 +83,27 @@ def report(title: str, variants: list[Variant], baseline: Variant | None, tests:
             ratio = variant.median / plain.median
             print(f"  {variant.name:<28} {variant.median:>8.2f}s {ratio:>8.2f}x")
         return
-    print(f"  {'variant':<28} {'median':>9} {'vs plain':>9} {'per test':>10} {'vs plain':>9}")
+    print(
+        f"  {'variant':<34} {'median':>9} {'vs plain':>9} {'per test':>10} {'vs plain':>9}"
+        f" {'CPU/test':>10} {'vs plain':>9}"
+    )
     base = baseline.median if baseline else 0.0
+    base_cpu = baseline.cpu_median if baseline else 0.0
     plain_run = plain.median - base
+    plain_cpu = plain.cpu_median - base_cpu
     for variant in variants:
         run = variant.median - base
-        per_test = run / tests * 1000 if tests else 0.0
+        cpu = variant.cpu_median - base_cpu
         print(
-            f"  {variant.name:<28} {variant.median:>8.2f}s {variant.median / plain.median:>8.2f}x"
-            f" {per_test:>8.3f}ms {run / plain_run:>8.2f}x"
+            f"  {variant.name:<34} {variant.median:>8.2f}s {variant.median / plain.median:>8.2f}x"
+            f" {run / tests * 1000:>8.3f}ms {run / plain_run:>8.2f}x"
+            f" {cpu / tests * 1000:>8.3f}ms {cpu / plain_cpu:>8.2f}x"
         )
     if baseline:
-        print(f"  ({baseline.name}: {baseline.median:.2f}s, subtracted for 'per test')")
+        print(
+            f"  ({baseline.name}: {baseline.median:.2f}s, {baseline.cpu_median:.2f}s CPU, "
+            "subtracted for 'per test')"
+        )
 
 
 def trivial_suite(count: int) -> Path:
@@ -107,15 +130,15 @@ def checkout(ref: str) -> dict[str, str]:
     return {"PYTHONPATH": str(tree)}
 
 
-def bench_trivial(rounds: int, count: int, against: str | None = None) -> None:
+def bench_trivial(rounds: int, count: int, against: list[str]) -> None:
     suite = trivial_suite(count)
     collect = Variant("collect only", ["--collect-only", "-p", "isolator"])
     variants = [Variant("plain", ["-p", "isolator"])]
-    old = checkout(against) if against else None
+    others = [(ref, checkout(ref)) for ref in against]
     for mode in ("module", "test"):
         args = ["-p", "isolator", f"--isolate={mode}"]
-        if old is not None:
-            variants.append(Variant(f"--isolate={mode} ({against})", args, env=old))
+        for ref, env in others:
+            variants.append(Variant(f"--isolate={mode} ({ref})", args, env=env))
         variants.append(Variant(f"--isolate={mode}", args))
     measure(suite, [collect, *variants], rounds)
     report(f"{count} trivial tests in one module ({rounds} rounds)", variants, collect, count)
@@ -212,7 +235,10 @@ def main() -> None:
     parser.add_argument(
         "--against",
         metavar="GIT_REF",
-        help="also time the isolated variants as of this git ref (main, say), alternating",
+        action="append",
+        default=[],
+        help="also time the isolated variants as of this git ref (main, say), alternating; "
+        "may be given more than once",
     )
     options = parser.parse_args()
     os.environ.pop("PYTEST_ADDOPTS", None)

@@ -346,7 +346,7 @@ class WorkerPlugin:
         if budget is not None and nextitem is not None:
             step = max(self._step_own, end.own_bytes - after_setup.own_bytes)
             end = meter.settle(end, end.own_bytes + step - budget)
-        peak = max(meter.peak_bytes(start), after_setup.own_bytes, end.own_bytes)
+        peak = max(meter.peak_bytes(start, end), after_setup.own_bytes, end.own_bytes)
         self._test_stats = (
             start.own_bytes,
             after_setup.own_bytes,
