@@ -27,7 +27,6 @@ import errno
 import functools
 import os
 import resource
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -62,6 +61,8 @@ class Sample(NamedTuple):
     faults: int = 0
     #: Highest RSS since the peak was last reset (``Probe.reset_peak``), bytes.
     peak_rss_bytes: int = 0
+    #: CPU time the process has used, seconds.
+    cpu_s: float = 0.0
     #: Own memory (USS), bytes: read, or carried forward from the last reading.
     own_bytes: int = 0
     #: How far ``own_bytes`` may be off: 0 right after a reading.
@@ -93,6 +94,7 @@ class Probe:
             int(fields[0]) * _PAGE,
             usage.ru_minflt + usage.ru_majflt,
             usage.ru_maxrss * 1024,
+            usage.ru_utime + usage.ru_stime,
         )
 
     def reset_peak(self) -> None:
@@ -138,7 +140,7 @@ class Meter:
 
     USS is read again when the drift passes a 64th of RSS (1 MB at least)
     and readings so far leave room (they take at most 5% of the worker's
-    time), when none was taken for a hundred times what one costs (1%), and
+    CPU time), when none was taken for a hundred times what one costs (1%), and
     when the drift passes a tenth of the growth limit in force (the leak
     guard decides on it). Callers ask for a reading themselves when a
     decision is within the drift (:meth:`read_exactly`).
@@ -156,7 +158,9 @@ class Meter:
         #: What the last call returned: the answer when there is no memory
         #: left to measure with (a worker at its ceiling).
         self._last = self._anchor
-        self._read_at = time.monotonic()
+        # Shares of the worker's time are shares of its CPU time: on a loaded
+        # machine wall time passes without the worker doing anything.
+        self._read_at = now.cpu_s
         self._read_cost_s = now.rss_bytes * _READING_S_PER_BYTE
         #: USS readings taken (for the tests of this class, and curiosity).
         self.readings = 0
@@ -174,7 +178,7 @@ class Meter:
         rss_change = now.rss_bytes - anchor.rss_bytes
         faulted = (now.faults - anchor.faults) * _PAGE
         drift = faulted + abs(rss_change)
-        age_s = time.monotonic() - self._read_at
+        age_s = now.cpu_s - self._read_at
         if (
             (
                 drift > max(_MIN_TOLERANCE, now.rss_bytes >> 6)
@@ -189,7 +193,7 @@ class Meter:
     def _carried(self, now: Sample, rss_change: int, faulted: int, drift: int) -> Sample:
         """``now`` with the last reading carried forward to it."""
         own = self._anchor.own_bytes + max(rss_change, faulted + min(rss_change, 0))
-        return Sample(now[0], now[1], now[2], now[3], max(own, 0), drift)
+        return Sample(now[0], now[1], now[2], now[3], now[4], max(own, 0), drift)
 
     def read_exactly(self) -> Sample:
         """Own memory now, read from the page tables."""
@@ -198,12 +202,12 @@ class Meter:
         return self._last
 
     def _read_exactly(self) -> Sample:
-        started = time.monotonic()
+        started = self.probe.sample().cpu_s
         if self._process is None:
             self._process = psutil.Process()
         uss = _uss(self._process)
         now = self.probe.sample()
-        finished = time.monotonic()
+        finished = now.cpu_s
         if uss is None:  # smaps_rollup unreadable: carry on with what we have
             rss_change = now.rss_bytes - self._anchor.rss_bytes
             faulted = (now.faults - self._anchor.faults) * _PAGE

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IsolatedRunner
+from conftest import IsolatedRunner, memory_cgroup_or_skip
 from isolator import cgroup
 
 #: Each test fails for want of address space in its own way under a 512MB
@@ -138,20 +138,6 @@ HOG = {
 }
 
 
-def _cgroup_hierarchy_or_skip(version: int) -> cgroup.Hierarchy:
-    hierarchy = cgroup.memory_hierarchy()
-    if hierarchy is None:
-        pytest.skip("no cgroup hierarchy with the memory controller is mounted here")
-    if hierarchy.version != version:
-        pytest.skip(
-            f"the memory controller is bound to cgroup v{hierarchy.version} on this machine, "
-            f"so a cgroup v{version} ceiling cannot be tried here"
-        )
-    if not os.access(hierarchy.own, os.W_OK):
-        pytest.skip(f"cannot create cgroups under {hierarchy.own} (needs root or delegation)")
-    return hierarchy
-
-
 def _ours(hierarchy: cgroup.Hierarchy) -> set[str]:
     return {path.name for path in hierarchy.own.glob("isolator-*")}
 
@@ -161,7 +147,7 @@ def _ours(hierarchy: cgroup.Hierarchy) -> set[str]:
 def test_cgroup_ceiling_kills_a_hog_names_it_and_the_run_goes_on(
     pytester: pytest.Pytester, isolated: IsolatedRunner, version: int, mode: str
 ) -> None:
-    hierarchy = _cgroup_hierarchy_or_skip(version)
+    hierarchy = memory_cgroup_or_skip(version)
     before = _ours(hierarchy)
     pytester.makepyfile(**HOG)
     result = isolated.run(mode, "--worker-mem=256MB", "--worker-ceiling-kind=cgroup", "-v")
@@ -199,7 +185,7 @@ LEFT_RUNNING = {
 def test_cgroups_are_removed_with_whatever_is_left_in_them(
     pytester: pytest.Pytester, isolated: IsolatedRunner
 ) -> None:
-    hierarchy = _cgroup_hierarchy_or_skip(cgroup.memory_hierarchy().version)  # type: ignore[union-attr]
+    hierarchy = memory_cgroup_or_skip()
     before = _ours(hierarchy)
     pytester.makepyfile(**LEFT_RUNNING)
     result = isolated.run("module", "--worker-mem=256MB", "--worker-ceiling-kind=cgroup")
@@ -207,30 +193,6 @@ def test_cgroups_are_removed_with_whatever_is_left_in_them(
     assert _ours(hierarchy) <= before
     left = subprocess.run(["pgrep", "-f", "sleep 987654"], capture_output=True, text=True)
     assert left.stdout == "", "the process the test started outlived its cgroup"
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (
-            ["--worker-ceiling-kind=cgroup"],
-            "ERROR: isolator: --worker-ceiling-kind: 'cgroup' needs a ceiling to enforce: "
-            "--worker-mem=SIZE or --worker-ceiling=SIZE",
-        ),
-        (
-            ["--worker-mem=1GB", "--worker-ceiling-kind=memory"],
-            "ERROR: isolator: --worker-ceiling-kind: 'memory' is not a kind of ceiling "
-            "(choose from rlimit, cgroup)",
-        ),
-    ],
-)
-def test_bad_ceiling_kind_is_a_usage_error(
-    pytester: pytest.Pytester, args: list[str], message: str
-) -> None:
-    pytester.makepyfile(test_x="def test_x(): pass\n")
-    result = pytester.runpytest("-p", "isolator", "--isolate=module", *args)
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([message])
 
 
 def _run_elsewhere(wrapper: list[str]) -> subprocess.CompletedProcess[str]:

@@ -15,23 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import memory_cgroup_or_skip
 from isolator import cgroup
 
 MB = 1000**2
-
-
-def _hierarchy_or_skip(version: int) -> cgroup.Hierarchy:
-    hierarchy = cgroup.memory_hierarchy()
-    if hierarchy is None:
-        pytest.skip("no cgroup hierarchy with the memory controller is mounted here")
-    if hierarchy.version != version:
-        pytest.skip(
-            f"the memory controller is bound to cgroup v{hierarchy.version} on this machine, "
-            f"so cgroup v{version} cannot limit memory here"
-        )
-    if not os.access(hierarchy.own, os.W_OK):
-        pytest.skip(f"cannot create cgroups under {hierarchy.own} (needs root or delegation)")
-    return hierarchy
 
 
 class Nest:
@@ -59,7 +46,7 @@ class Nest:
 
 @pytest.fixture
 def v1_nest() -> Iterator[Nest]:
-    nest = Nest(_hierarchy_or_skip(1), f"isolator-test-{os.getpid()}")
+    nest = Nest(memory_cgroup_or_skip(1), f"isolator-test-{os.getpid()}")
     yield nest
     nest.remove()
 
@@ -103,7 +90,7 @@ def test_v1_limits_come_from_this_process_cgroup_and_its_ancestors(v1_nest: Nest
 
 
 def test_v2_limits_come_from_this_process_cgroup_for_real() -> None:
-    hierarchy = _hierarchy_or_skip(2)
+    hierarchy = memory_cgroup_or_skip(2)
     nest = Nest(hierarchy, f"isolator-test-{os.getpid()}")
     try:
         nest.make("", limit=400 * MB)

@@ -454,6 +454,16 @@ def test_megabytes_of_output_do_not_block_the_pipe(
             "ERROR: isolator: --isolate-sample-interval: 'nan' is not a number *",
         ),
         (["--worker-ceiling=12XB"], "ERROR: isolator: --worker-ceiling: '12XB' has an unknown *"),
+        (
+            ["--worker-ceiling-kind=cgroup"],
+            "ERROR: isolator: --worker-ceiling-kind: 'cgroup' needs a ceiling to enforce: "
+            "--worker-mem=SIZE or --worker-ceiling=SIZE",
+        ),
+        (
+            ["--worker-mem=1GB", "--worker-ceiling-kind=memory"],
+            "ERROR: isolator: --worker-ceiling-kind: 'memory' is not a kind of ceiling "
+            "(choose from rlimit, cgroup)",
+        ),
     ],
 )
 def test_bad_values_are_one_line_usage_errors(
