@@ -248,15 +248,25 @@ def _size(config: pytest.Config, option: str, ini: str, *, allow_none: bool) -> 
         raise pytest.UsageError(f"isolator: {where}: {exc}") from None
 
 
+ChoiceT = TypeVar("ChoiceT", bound=str)
+
+
+def _choice(
+    config: pytest.Config, option: str, ini: str, choices: tuple[ChoiceT, ...], what: str
+) -> tuple[ChoiceT, str]:
+    """One of ``choices`` (the first if not given), and where it came from."""
+    raw, where = _source(config, option, ini)
+    text = choices[0] if raw is None else raw.strip().lower()
+    for choice in choices:
+        if text == choice:
+            return choice, where
+    raise pytest.UsageError(
+        f"isolator: {where}: {raw!r} is not {what} (choose from {', '.join(choices)})"
+    )
+
+
 def load_settings(config: pytest.Config) -> Settings:
-    raw_mode, where = _source(config, "isolate", "isolate")
-    mode_text = "off" if raw_mode is None else raw_mode.strip().lower()
-    if mode_text not in MODES:
-        raise pytest.UsageError(
-            f"isolator: {where}: {raw_mode!r} is not an isolation mode "
-            f"(choose from {', '.join(MODES)})"
-        )
-    mode: Mode = mode_text
+    mode, where = _choice(config, "isolate", "isolate", MODES, "an isolation mode")
     if mode != "off":
         missing = [name for name in ("fork", "pidfd_open", "memfd_create") if not hasattr(os, name)]
         if missing:
@@ -279,14 +289,9 @@ def load_settings(config: pytest.Config) -> Settings:
     else:
         ceiling = _size(config, "worker_ceiling", "worker_ceiling", allow_none=True)
 
-    raw_kind, kind_source = _source(config, "worker_ceiling_kind", "worker_ceiling_kind")
-    kind_text = "rlimit" if raw_kind is None else raw_kind.strip().lower()
-    if kind_text not in CEILING_KINDS:
-        raise pytest.UsageError(
-            f"isolator: {kind_source}: {raw_kind!r} is not a kind of ceiling "
-            f"(choose from {', '.join(CEILING_KINDS)})"
-        )
-    ceiling_kind: CeilingKind = kind_text
+    ceiling_kind, kind_source = _choice(
+        config, "worker_ceiling_kind", "worker_ceiling_kind", CEILING_KINDS, "a kind of ceiling"
+    )
     if ceiling_kind == "cgroup" and ceiling is None:
         raise pytest.UsageError(
             f"isolator: {kind_source}: 'cgroup' needs a ceiling to enforce: --worker-mem=SIZE "
