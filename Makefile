@@ -39,7 +39,7 @@ lint: $(STAMP) ## ruff and mypy
 demo: $(STAMP) ## Run the bundled example suite plain and isolated, side by side
 	$(PY) examples/demo.py
 
-bench: $(STAMP) ## Time plain pytest against --isolate=module/test (ratios); BENCH_ARGS="--against main" compares
+bench: $(STAMP) ## Time plain pytest against --isolate=module/test/auto (ratios); BENCH_ARGS="--against main" compares
 	$(PY) bench/bench.py $(BENCH_ARGS)
 
 conformance: $(STAMP) ## Same verdict for every test of networkx and toolz, isolated or not

@@ -29,6 +29,8 @@ class Variant:
     name: str
     args: list[str]
     times: list[float] = field(default_factory=list)
+    #: Run with pytest's cache (the memory history lives there).
+    cache: bool = False
     #: CPU time (user + system) of the run and every process it waited for.
     cpu: list[float] = field(default_factory=list)
     #: Extra environment (PYTHONPATH, to run another version of isolator).
@@ -43,10 +45,14 @@ class Variant:
         return statistics.median(self.cpu)
 
 
-def run_once(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+def run_once(
+    cwd: Path, args: list[str], env: dict[str, str] | None = None, cache: bool = False
+) -> tuple[float, float]:
     """Wall time and CPU time of one pytest run (the CPU time counts workers
     too: each is waited for by the process that forked it)."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    # Without pytest's cache unless asked: nothing a run writes steers the next.
+    command = [sys.executable, "-m", "pytest", "-q", *([] if cache else ["-p", "no:cacheprovider"])]
+    command += args
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     completed = subprocess.run(
@@ -69,7 +75,7 @@ def run_once(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> t
 def measure(cwd: Path, variants: list[Variant], rounds: int) -> None:
     for _ in range(rounds):
         for variant in variants:
-            elapsed, cpu = run_once(cwd, variant.args, variant.env)
+            elapsed, cpu = run_once(cwd, variant.args, variant.env, variant.cache)
             variant.times.append(elapsed)
             variant.cpu.append(cpu)
 
@@ -78,13 +84,13 @@ def report(title: str, variants: list[Variant], baseline: Variant | None, tests:
     plain = variants[0]
     print(f"\n{title}")
     if not tests:
-        print(f"  {'variant':<28} {'median':>9} {'vs plain':>9}")
+        print(f"  {'variant':<36} {'median':>9} {'vs plain':>9}")
         for variant in variants:
             ratio = variant.median / plain.median
-            print(f"  {variant.name:<28} {variant.median:>8.2f}s {ratio:>8.2f}x")
+            print(f"  {variant.name:<36} {variant.median:>8.2f}s {ratio:>8.2f}x")
         return
     print(
-        f"  {'variant':<34} {'median':>9} {'vs plain':>9} {'per test':>10} {'vs plain':>9}"
+        f"  {'variant':<36} {'median':>9} {'vs plain':>9} {'per test':>10} {'vs plain':>9}"
         f" {'CPU/test':>10} {'vs plain':>9}"
     )
     base = baseline.median if baseline else 0.0
@@ -95,7 +101,7 @@ def report(title: str, variants: list[Variant], baseline: Variant | None, tests:
         run = variant.median - base
         cpu = variant.cpu_median - base_cpu
         print(
-            f"  {variant.name:<34} {variant.median:>8.2f}s {variant.median / plain.median:>8.2f}x"
+            f"  {variant.name:<36} {variant.median:>8.2f}s {variant.median / plain.median:>8.2f}x"
             f" {run / tests * 1000:>8.3f}ms {run / plain_run:>8.2f}x"
             f" {cpu / tests * 1000:>8.3f}ms {cpu / plain_cpu:>8.2f}x"
         )
@@ -153,6 +159,47 @@ def bench_trivial(rounds: int, count: int, against: list[str]) -> None:
     for line in floor.stdout.splitlines():
         variant, ms = line.rsplit(" ", 1)
         print(f"    {variant:<26} {float(ms):.3f}ms per test")
+
+
+HEAVY = """
+def test_heavy_{n}():
+    data = b"x" * (150 * 1000**2)
+    assert data
+"""
+
+
+def bench_auto(rounds: int, count: int) -> None:
+    """--isolate=auto on a mostly light suite: a few tests need 150MB, which
+    the history (recorded by a first run) gives workers of their own."""
+    suite = WORK / f"auto{count}"
+    if suite.exists():
+        shutil.rmtree(suite)
+    suite.mkdir(parents=True)
+    modules = 20
+    per_module = count // modules
+    for m in range(modules):
+        body = "".join(f"def test_{i}():\n    pass\n\n\n" for i in range(per_module))
+        if m % 7 == 0:
+            body += HEAVY.format(n=m)
+        (suite / f"test_m{m}.py").write_text(body)
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    auto = ["-p", "isolator", "--isolate=auto", "--worker-mem=512MB"]
+    run_once(suite, auto, cache=True)  # records the history the measured runs use
+    collect = Variant("collect only", ["--collect-only", "-p", "isolator"], cache=True)
+    variants = [
+        Variant("plain", ["-p", "isolator"], cache=True),
+        Variant("--isolate=auto --worker-mem=512MB", auto, cache=True),
+        Variant("--isolate=module", ["-p", "isolator", "--isolate=module"], cache=True),
+    ]
+    measure(suite, [collect, *variants], rounds)
+    heavy = len(range(0, modules, 7))
+    report(
+        f"{per_module * modules + heavy} tests in {modules} modules, {heavy} of them needing "
+        f"150MB, pytest's cache on ({rounds} rounds)",
+        variants,
+        collect,
+        per_module * modules + heavy,
+    )
 
 
 LEAKY = """
@@ -231,20 +278,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tests", type=int, default=2000)
-    parser.add_argument("--only", choices=["trivial", "leaky", "networkx"], default=None)
+    parser.add_argument("--only", choices=["trivial", "auto", "leaky", "networkx"], default=None)
     parser.add_argument(
         "--against",
         metavar="GIT_REF",
         action="append",
         default=[],
-        help="also time the isolated variants as of this git ref (main, say), alternating; "
-        "may be given more than once",
+        help="also time the isolated variants of the trivial suite as of this git ref (main, "
+        "say), alternating; may be given more than once",
     )
     options = parser.parse_args()
     os.environ.pop("PYTEST_ADDOPTS", None)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
     if options.only in (None, "trivial"):
         bench_trivial(options.rounds, options.tests, options.against)
+    if options.only in (None, "auto"):
+        bench_auto(options.rounds, options.tests)
     if options.only in (None, "leaky"):
         bench_leaky()
     if options.only in (None, "networkx"):

@@ -2,7 +2,7 @@
 every test with and without isolation.
 
 Runs ``pytest --pyargs networkx`` and the toolz sdist's tests plain and under
-every ``--isolate`` mode (module, test, marked, shared), records the verdict of every
+every ``--isolate`` mode (module, test, marked, shared, auto), records the verdict of every
 test id (passed, failed, error, skipped, xfailed, xpassed) with the
 ``bench.verdicts`` plugin, and prints how many differ (must be 0) and the
 time ratio against plain. Exits 1 if any verdict differs.
@@ -59,6 +59,13 @@ def run(name: str, target: list[str], extra: list[str]) -> tuple[dict[str, str],
     out = WORK / f"{name}.json"
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "VERDICTS_FILE": str(out)}
     env.pop("PYTEST_ADDOPTS", None)
+    # Without pytest's cache, except where the mode schedules from the memory
+    # history kept there: that one gets a cache of its own, filled by a first
+    # run that is not timed.
+    history = "--isolate=auto" in extra
+    cache = (
+        ["-o", f"cache_dir={WORK / (name + '-cache')}"] if history else ["-p", "no:cacheprovider"]
+    )
     command = [
         sys.executable,
         "-m",
@@ -68,11 +75,12 @@ def run(name: str, target: list[str], extra: list[str]) -> tuple[dict[str, str],
         "bench.verdicts",
         "-p",
         "isolator",
-        "-p",
-        "no:cacheprovider",
+        *cache,
         *target,
         *extra,
     ]
+    if history:
+        subprocess.run([*command, "--cache-clear"], cwd=WORK, env=env, capture_output=True)
     start = time.perf_counter()
     completed = subprocess.run(command, cwd=WORK, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
@@ -86,7 +94,7 @@ def run(name: str, target: list[str], extra: list[str]) -> tuple[dict[str, str],
 def compare(suite: str, target: list[str], modes: list[list[str]]) -> int:
     print(f"\n{suite}")
     plain, plain_s, summary = run(f"{suite}-plain", target, [])
-    print(f"  {'plain':<34} {plain_s:7.1f}s  1.00x  {len(plain)} tests  {summary}")
+    print(f"  {'plain':<60} {plain_s:7.1f}s  1.00x  {len(plain)} tests  {summary}")
     differing = 0
     for extra in modes:
         label = " ".join(extra)
@@ -99,7 +107,7 @@ def compare(suite: str, target: list[str], modes: list[list[str]]) -> int:
         )
         differing += len(diff)
         print(
-            f"  {label:<34} {seconds:7.1f}s {seconds / plain_s:5.2f}x  {len(verdicts)} tests  "
+            f"  {label:<60} {seconds:7.1f}s {seconds / plain_s:5.2f}x  {len(verdicts)} tests  "
             f"differ: {len(diff)}"
         )
         for nodeid in diff[:20]:
@@ -123,6 +131,8 @@ def main() -> None:
         ["--isolate=test"],
         ["--isolate=marked"],
         ["--isolate=shared", "--worker-mem=1GB"],
+        # A low threshold, so that the run has tests isolated for their history.
+        ["--isolate=auto", "--worker-mem=1GB", "-o", "isolate_auto_threshold=300kB"],
     ]
     differing = 0
     for suite in suites:

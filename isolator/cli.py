@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mode",
         default="module",
-        help="module (default), test, marked or shared: which unit gets a fresh worker",
+        help="module (default), test, marked, shared or auto: which unit gets a fresh worker",
     )
     parser.add_argument("--mem", metavar="SIZE", help="budget and ceiling per worker (512MB)")
     parser.add_argument("-m", dest="markexpr", metavar="MARKEXPR", help="pytest's -m")

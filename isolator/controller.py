@@ -29,18 +29,18 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
-import psutil
 import pytest
 from pluggy import HookRelay
 
-from isolator import compat, faults, leftovers, worker
+from isolator import compat, faults, history, leftovers, worker
 from isolator.beacon import Beacon
 from isolator.cgroup import WAYS_OUT, WorkerCgroup, WorkerCgroups
-from isolator.memory import available_bytes, total_bytes, uss_bytes
+from isolator.memory import uss_bytes
 from isolator.process import WorkerProcess
-from isolator.settings import Settings, overrides_key, overrides_of, read_marker
+from isolator.schedule import Schedule
+from isolator.settings import Settings, overrides_key, read_marker
 from isolator.sizes import format_size
 from isolator.stats import RunMemory
 from isolator.wire import Message, Sender
@@ -50,8 +50,6 @@ _PR_SET_PDEATHSIG = 1
 _STILLBORN_LIMIT = 3
 #: How long an interrupted worker gets to tear down before it is killed.
 _INTERRUPT_GRACE_S = 5.0
-#: How often a unit waiting for memory looks again.
-_ADMISSION_POLL_S = 0.05
 #: Messages about one test, as opposed to the worker as a whole.
 _ITEM_MESSAGES = frozenset({"logstart", "report", "logfinish", "finished"})
 #: Item messages replayed as pytest's logging hooks.
@@ -111,11 +109,13 @@ class Controller:
         self.in_worker = False
         #: The run was interrupted (Ctrl-C, SIGTERM).
         self.interrupted = False
-        #: Under pytest-xdist the run order is known one item at a time, so
-        #: workers are fed their unit item by item instead of planned ahead.
-        self.feeding = hasattr(config, "workerinput")
+        #: What each test needed last run, and why there is no such history.
+        self.history, self.history_note = history.load(config)
+        #: Which tests share a worker, what it enforces, when it may start.
+        self.schedule = Schedule(
+            settings, self.memory, feeding=hasattr(config, "workerinput"), history=self.history
+        )
         self.session: pytest.Session
-        self._positions: dict[int, int] | None = None
         #: (worker, last test, thread names) for units that ended with
         #: non-daemon threads still running.
         self.lingering: list[tuple[str, str, list[str]]] = []
@@ -131,70 +131,8 @@ class Controller:
         #: Workers in a row that died before they started a test.
         self._stillborn = 0
         self._spawned = 0
-        self._admission_gave_up = False
         self._parent_pid = os.getpid()
         self._prctl = _load_prctl()
-
-    # -- units and plans -------------------------------------------------
-
-    def unit_key(self, item: pytest.Item) -> Hashable:
-        """Items with equal keys, next to each other, share a worker."""
-        mode = self.settings.mode
-        overrides = overrides_of(item)
-        if mode == "test" or overrides.needs_own_worker:
-            return item
-        if mode == "module":
-            return item.getparent(pytest.File) or item.parent  # type: ignore[type-abstract]
-        if mode == "marked" and overrides.marked:
-            return item
-        return "shared"
-
-    def limits_for(self, label: str, plan: list[pytest.Item]) -> worker.Limits:
-        settings = self.settings
-        budget, ceiling = settings.budget_bytes, settings.ceiling_bytes
-        if len(plan) == 1:
-            own = overrides_of(plan[0]).budget_bytes
-            if own is not None:
-                budget = ceiling = own
-        return worker.Limits(
-            label, budget, ceiling, settings.growth_limit_bytes, settings.timeout_s
-        )
-
-    def _position(self, item: pytest.Item) -> int | None:
-        if self._positions is None:
-            self._positions = {id(it): i for i, it in enumerate(item.session.items)}
-        return self._positions.get(id(item))
-
-    def plan_for(self, item: pytest.Item, nextitem: pytest.Item | None) -> list[pytest.Item]:
-        """The items a new worker runs: ``item`` and the ones after it in the
-        same unit, as long as the run order is the collection order.
-
-        A module's items are consecutive; the shared unit of ``marked`` and
-        ``shared`` may have gaps, where tests of their own run in between."""
-        plan = [item]
-        start = self._position(item)
-        items = item.session.items
-        if start is None or nextitem is None:
-            return plan
-        following = start + 1
-        if following >= len(items) or items[following] is not nextitem:
-            return plan
-        key = self.unit_key(item)
-        if key != "shared":
-            while following < len(items) and self.unit_key(items[following]) == key:
-                plan.append(items[following])
-                following += 1
-            return plan
-        plan.extend(it for it in items[following:] if self.unit_key(it) == key)
-        return plan
-
-    def gaps_in(self, plan: list[pytest.Item]) -> frozenset[int]:
-        positions = [self._position(item) for item in plan]
-        return frozenset(
-            i
-            for i in range(1, len(plan))
-            if positions[i] is None or positions[i] != (positions[i - 1] or 0) + 1
-        )
 
     # -- hooks -----------------------------------------------------------
 
@@ -282,6 +220,22 @@ class Controller:
     def pytest_timeout_cancel_timer(self) -> bool | None:
         return None if self.in_worker else True
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.history_note and self.settings.mode == "auto":
+            # Said up front: without history, auto is shared.
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            line = f"isolator: {self.history_note}; --isolate=auto runs as --isolate=shared"
+            if reporter is not None:
+                reporter.write_line(line)
+            else:
+                sys.stderr.write(line + "\n")
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: object) -> None:
+        """pytest-xdist: each node schedules from the history loaded here."""
+        history.ship(node, self.history)
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: object, error: object) -> None:
         """pytest-xdist: a node finished; take in its workers' figures."""
@@ -318,11 +272,20 @@ class Controller:
             result = yield
             self._drop_unused_basetemp()
             return result
+        if self.history is not None:
+            history.record(
+                self.config,
+                self.history,
+                self.memory,
+                self.settings.change_min_bytes,
+                self.settings.change_min_percent,
+            )
         settings = {
             "mode": self.settings.mode,
             "budget_bytes": self.settings.budget_bytes,
             "ceiling_bytes": self.settings.ceiling_bytes,
             "growth_limit_bytes": self.settings.growth_limit_bytes,
+            "auto_threshold_bytes": self.settings.auto_threshold_bytes,
         }
         try:
             if self.settings.report_path:
@@ -366,14 +329,23 @@ class Controller:
                     f"threads still running: {', '.join(names)}"
                 )
         lines = self.memory.summary_lines(self.settings.top)
-        if not lines:
-            return
-        terminalreporter.write_sep("=", "isolator: memory")
-        for line in lines:
-            terminalreporter.write_line(line)
-        for path, what in ((self.settings.report_path, "JSON"), (self.settings.html_path, "HTML")):
-            if path:
-                terminalreporter.write_line(f"memory report ({what}): {path}")
+        if lines:
+            terminalreporter.write_sep("=", "isolator: memory")
+            for line in lines:
+                terminalreporter.write_line(line)
+            for path, what in (
+                (self.settings.report_path, "JSON"),
+                (self.settings.html_path, "HTML"),
+            ):
+                if path:
+                    terminalreporter.write_line(f"memory report ({what}): {path}")
+        changes = self.memory.change_lines(
+            self.settings.change_min_bytes, self.settings.change_min_percent, self.settings.top
+        )
+        if changes:
+            terminalreporter.write_sep("=", "isolator: memory changes since the last run")
+            for line in changes:
+                terminalreporter.write_line(line)
 
     @pytest.hookimpl
     def pytest_keyboard_interrupt(self) -> None:
@@ -408,8 +380,7 @@ class Controller:
         for pid in leftovers.children():
             if pid in workers:
                 continue
-            process = psutil.Process(pid)
-            tag = leftovers.environ_of(process).get(leftovers.TAG, "")
+            tag = leftovers.environ_of(leftovers.process(pid)).get(leftovers.TAG, "")
             if tag.startswith(f"{self._token} "):
                 blame[pid] = tag.split(" ", 1)[1]
             elif not (proc is not None and self._cmdline and _cmdline_of(pid) == self._cmdline):
@@ -462,18 +433,10 @@ class Controller:
                 if proc is not None:
                     self._retire(proc)
                 proc = self._spawn()
-            plan = [item] if self.feeding else self.plan_for(item, nextitem)
-            orders = worker.Orders(
-                plan=[self._position(it) or 0 for it in plan],
-                gaps=self.gaps_in(plan),
-                open_ended=self.feeding,
-                limits=dataclasses.replace(
-                    self.limits_for(proc.label, plan), fault_fd=proc.fault_fd
-                ),
-                testsfailed=testsfailed,
-                gc_stats=self.settings.gc_stats,
-            )
-            self._admit(orders.limits.budget_bytes)
+            plan = self.schedule.plan_for(item, nextitem)
+            orders = self.schedule.orders_for(plan, proc.label, proc.fault_fd, testsfailed)
+            self.schedule.admit(plan, orders)
+            self.memory.worker_unit(proc.label, self.schedule.unit_of(item))
             proc.go(orders, plan)
         self._feed(proc, item, nextitem)
         self.current = proc
@@ -485,43 +448,16 @@ class Controller:
                 self.standby = self._spawn()
         return proc
 
-    def _admit(self, budget: int | None) -> None:
-        """Start a unit only when the machine has its budget of memory free.
-
-        Other processes (pytest-xdist's other workers, other jobs on the CI
-        box) may hold it; their units end, so waiting is usually short. After
-        ``isolate_admission_wait`` seconds the unit starts anyway: a stuck
-        run would help no one.
-        """
-        if budget is None or self._admission_gave_up or available_bytes() >= budget:
-            return
-        if budget > total_bytes():
-            # Never satisfiable here: waiting would only slow every unit down.
-            self._admission_gave_up = True
-            return
-        self.memory.admission_waits += 1
-        deadline = time.monotonic() + self.settings.admission_wait_s
-        while time.monotonic() < deadline:
-            # Memory freed elsewhere sends no event we could wait on.
-            time.sleep(_ADMISSION_POLL_S)
-            if available_bytes() >= budget:
-                return
-        # Waited the whole time and nothing was freed: whatever holds the
-        # memory is not ending, and waiting again for every unit would only
-        # turn a tight machine into a stalled run.
-        self._admission_gave_up = True
-
     def _feed(self, proc: WorkerProcess, item: pytest.Item, nextitem: pytest.Item | None) -> None:
         """Under pytest-xdist the run order is known one item at a time: tell
         the worker what follows ``item`` in its unit, or that the unit ends."""
         if not proc.open_ended or proc.plan[-1] is not item:
             return
-        if nextitem is not None and self.unit_key(nextitem) == self.unit_key(item):
-            position = self._position(nextitem)
-            if position is not None:
-                proc.plan.append(nextitem)
-                proc.tell("next", position)
-                return
+        position = self.schedule.continues(item, nextitem)
+        if nextitem is not None and position is not None:
+            proc.plan.append(nextitem)
+            proc.tell("next", position, self.schedule.recorded_peak(nextitem))
+            return
         proc.open_ended = False
         proc.tell("end")
 
@@ -705,7 +641,7 @@ class Controller:
             if message is None:
                 # The beacon knows a test began even when the worker died
                 # before the word reached the pipe.
-                began = started or proc.began(self._position(item))
+                began = started or proc.began(self.schedule.position(item))
                 if proc.done and not began:
                     return False
                 # Died before this test began: between two tests, or before
@@ -828,7 +764,7 @@ class Controller:
         # pytest-xdist sends a category to its controller by module and name,
         # where a stand-in class would not be found (it fails the same way on
         # a category defined in a function without isolation).
-        if isinstance(name, str) and isinstance(category, type) and not self.feeding:
+        if isinstance(name, str) and isinstance(category, type) and not self.schedule.feeding:
             category = type(name, (category,), {})
         message = payload["message"]
         if message is None:

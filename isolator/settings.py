@@ -19,10 +19,15 @@ from isolator.sizes import SizeError, parse_size
 
 NumberT = TypeVar("NumberT", int, float)
 
-Mode = Literal["off", "module", "test", "marked", "shared"]
-MODES: tuple[Mode, ...] = ("off", "module", "test", "marked", "shared")
+Mode = Literal["off", "module", "test", "marked", "shared", "auto"]
+MODES: tuple[Mode, ...] = ("off", "module", "test", "marked", "shared", "auto")
 CeilingKind = Literal["rlimit", "cgroup"]
 CEILING_KINDS: tuple[CeilingKind, ...] = ("rlimit", "cgroup")
+
+#: Defaults of the history settings (see history.py).
+DEFAULT_AUTO_SHARE = 0.25
+DEFAULT_CHANGE_BYTES = 10 * 1000**2
+DEFAULT_CHANGE_PERCENT = 20.0
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -34,7 +39,8 @@ def add_options(parser: pytest.Parser) -> None:
         metavar="MODE",
         help="Which unit gets a fresh forked worker: module (each test module), test (each "
         "test), marked (tests marked @pytest.mark.isolate; the rest share one), shared (one "
-        "worker recycled on memory), or off. Ini: isolate.",
+        "worker recycled on memory), auto (like shared, but a test whose peak last run was "
+        "over isolate_auto_threshold gets its own), or off. Ini: isolate.",
     )
     group.addoption(
         "--worker-mem",
@@ -132,6 +138,24 @@ def add_options(parser: pytest.Parser) -> None:
     parser.addini("worker_ceiling_kind", "Default for --worker-ceiling-kind.", default="")
     parser.addini("isolate_timeout", "Default for --isolate-timeout.", default="")
     parser.addini(
+        "isolate_auto_threshold",
+        "Under --isolate=auto, a test whose recorded peak is over this gets a worker of its "
+        "own: a size (100MB) or a share of --worker-mem (25%, the default).",
+        default="",
+    )
+    parser.addini(
+        "isolate_change_bytes",
+        "A test's peak counts as grown since the last run when it grew by more than this "
+        "size (default 10MB) and by more than isolate_change_percent.",
+        default="",
+    )
+    parser.addini(
+        "isolate_change_percent",
+        "A test's peak counts as grown since the last run when it grew by more than this "
+        "many percent (default 20) and by more than isolate_change_bytes.",
+        default="",
+    )
+    parser.addini(
         "isolate_markers",
         "Markers that give a test a worker of its own under --isolate=marked (besides 'isolate').",
         type="args",
@@ -167,6 +191,11 @@ class Settings:
     sample_interval_s: float = 0.5
     #: Collect the workers' garbage collector statistics.
     gc_stats: bool = False
+    #: Under ``auto``: a test whose recorded peak is over this gets its own worker.
+    auto_threshold_bytes: int | None = None
+    #: A test's peak grew since the last run when it grew by more than both.
+    change_min_bytes: int = DEFAULT_CHANGE_BYTES
+    change_min_percent: float = DEFAULT_CHANGE_PERCENT
     #: What the ceiling counts: address space (RLIMIT_AS) or memory (a cgroup).
     ceiling_kind: CeilingKind = "rlimit"
     #: Where the ceiling kind came from, for messages.
@@ -236,7 +265,7 @@ def _output_path(config: pytest.Config, option: str) -> str | None:
     return str(path)
 
 
-def _size(config: pytest.Config, option: str, ini: str, *, allow_none: bool) -> int | None:
+def _size(config: pytest.Config, option: str | None, ini: str, *, allow_none: bool) -> int | None:
     raw, where = _source(config, option, ini)
     if raw is None:
         return None
@@ -263,6 +292,39 @@ def _choice(
     raise pytest.UsageError(
         f"isolator: {where}: {raw!r} is not {what} (choose from {', '.join(choices)})"
     )
+
+
+def _percent(config: pytest.Config, ini: str) -> float | None:
+    """A number of percent, "20" or "20%", more than 0."""
+    raw, where = _source(config, None, ini)
+    if raw is None:
+        return None
+    try:
+        value = float(raw.removesuffix("%"))
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise pytest.UsageError(
+            f"isolator: {where}: {raw!r} is not a percentage (a number more than 0, like 20%)"
+        )
+    return value
+
+
+def _size_or_share(config: pytest.Config, ini: str, budget: int | None) -> int | None:
+    """A size, or a share of the budget ("25%")."""
+    raw, where = _source(config, None, ini)
+    if raw is None:
+        return None
+    if not raw.endswith("%"):
+        return _size(config, None, ini, allow_none=False)
+    share = _percent(config, ini)
+    if share is None or share > 100:
+        raise pytest.UsageError(
+            f"isolator: {where}: {raw!r} is more than the whole budget (at most 100%)"
+        )
+    if budget is None:
+        return None  # only --isolate=auto uses it, and that needs a budget
+    return max(int(budget * share / 100), 1)
 
 
 def load_settings(config: pytest.Config) -> Settings:
@@ -300,11 +362,16 @@ def load_settings(config: pytest.Config) -> Settings:
 
     timeout = _number(config, "isolate_timeout", "isolate_timeout", float, positive=True)
 
-    if mode == "shared" and budget is None:
+    if mode in ("shared", "auto") and budget is None:
         raise pytest.UsageError(
-            "isolator: --isolate=shared recycles workers on memory only, so it needs "
+            f"isolator: --isolate={mode} recycles workers on memory only, so it needs "
             "--worker-mem=SIZE (or use --isolate=module)"
         )
+    auto_threshold = _size_or_share(config, "isolate_auto_threshold", budget)
+    if mode == "auto" and auto_threshold is None and budget is not None:
+        auto_threshold = int(budget * DEFAULT_AUTO_SHARE)
+    change_bytes = _size(config, None, "isolate_change_bytes", allow_none=False)
+    change_percent = _percent(config, "isolate_change_percent")
 
     markers = tuple(str(m) for m in config.getini("isolate_markers"))
     growth_limit = _size(config, "mem_growth_limit", "mem_growth_limit", allow_none=False)
@@ -330,6 +397,9 @@ def load_settings(config: pytest.Config) -> Settings:
         top=10 if top is None else top,
         report_path=_output_path(config, "isolate_report"),
         html_path=_output_path(config, "isolate_html"),
+        auto_threshold_bytes=auto_threshold,
+        change_min_bytes=DEFAULT_CHANGE_BYTES if change_bytes is None else change_bytes,
+        change_min_percent=DEFAULT_CHANGE_PERCENT if change_percent is None else change_percent,
     )
 
 

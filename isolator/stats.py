@@ -36,6 +36,24 @@ class TestMemory:
     growth_bytes: int
     #: When the test finished, seconds since the run started.
     at_s: float
+    #: Own memory of the worker when the test began (what earlier tests and
+    #: the worker's start left); ``peak_bytes - start_bytes`` is what the
+    #: test itself needed on top of that.
+    start_bytes: int = 0
+
+    @property
+    def own_peak_bytes(self) -> int:
+        """The most memory the test needed on top of what its worker held."""
+        return max(self.peak_bytes - self.start_bytes, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakChange:
+    """A test whose peak grew since the last run (see history.py)."""
+
+    nodeid: str
+    before_bytes: int
+    now_bytes: int
 
 
 @dataclasses.dataclass
@@ -63,6 +81,8 @@ class WorkerMemory:
     #: The worker's garbage collector per generation (collections, collected,
     #: uncollectable) over its unit, with --isolate-gc-stats.
     gc: list[dict[str, int]] = dataclasses.field(default_factory=list)
+    #: Why the worker runs the tests it runs (see schedule.UNITS).
+    unit: str = ""
 
     @property
     def abnormal(self) -> bool:
@@ -81,11 +101,27 @@ class RunMemory:
         self.admission_waits = 0
         #: Highest sample the parent took of a worker while its current test ran.
         self._sampled_peak: dict[str, int] = {}
+        #: The unit each worker was given, until it says it started.
+        self._units: dict[str, str] = {}
+        #: Tests that ran and had figures from the last run; those whose peak grew.
+        self.tests_with_history = 0
+        self.changes: list[PeakChange] = []
+
+    def worker_unit(self, label: str, unit: str) -> None:
+        self._units[label] = unit
 
     def worker_started(self, label: str, pid: int, start: tuple[int, int], at: float) -> None:
         """A worker began its unit with ``start`` = (RSS, own memory)."""
         start_rss, start_own = start
-        worker = WorkerMemory(label, self.node, pid, at - self.t0, start_rss, start_own)
+        worker = WorkerMemory(
+            label,
+            self.node,
+            pid,
+            at - self.t0,
+            start_rss,
+            start_own,
+            unit=self._units.pop(label, ""),
+        )
         worker.peak_bytes = worker.end_bytes = start_own
         worker.samples.append((worker.started_s, start_own))
         self.workers[label] = worker
@@ -103,7 +139,9 @@ class RunMemory:
         start, after_setup, peak, end, at = stats
         at_s = at - self.t0
         peak = max(peak, end, start, self._sampled_peak.pop(label, 0))
-        self.tests.append(TestMemory(nodeid, self.name(label), peak, end - after_setup, at_s))
+        self.tests.append(
+            TestMemory(nodeid, self.name(label), peak, end - after_setup, at_s, start)
+        )
         worker.tests += 1
         worker.peak_bytes = max(worker.peak_bytes, peak)
         worker.end_bytes = end
@@ -174,13 +212,39 @@ class RunMemory:
                 "largest_peak_bytes": largest.peak_bytes if largest else 0,
                 "largest_peak_worker": self._display(largest) if largest else None,
                 "admission_waits": self.admission_waits,
+                "tests_with_history": self.tests_with_history,
+                "peaks_grown": len(self.changes),
             },
             "workers": [dataclasses.asdict(w) for w in self.workers.values()],
             "tests": [dataclasses.asdict(t) for t in self.tests],
+            "memory_changes": [dataclasses.asdict(c) for c in self.changes],
         }
 
     def write_json(self, path: str, **settings: Any) -> None:
         Path(path).write_text(json.dumps(self.to_dict(**settings), indent=1) + "\n")
+
+    def change_lines(self, min_bytes: int, min_percent: float, top: int) -> list[str]:
+        """The "memory changes since the last run" section: the ``top`` tests
+        whose peak grew the most."""
+        if not self.changes:
+            return []
+        lines = [
+            f"{len(self.changes)} of {self.tests_with_history} tests measured last run need "
+            f"more memory now (peak up by more than {format_size(min_bytes)} and "
+            f"{min_percent:g}%)" + (":" if top else "")
+        ]
+        if not top:
+            return lines
+        lines.append(f"  {'before':>8} {'now':>8}  test")
+        grown = sorted(self.changes, key=lambda c: c.now_bytes - c.before_bytes, reverse=True)
+        for change in grown[:top]:
+            lines.append(
+                f"  {format_size(change.before_bytes):>8} {format_size(change.now_bytes):>8}  "
+                f"{change.nodeid}"
+            )
+        if len(grown) > top:
+            lines.append(f"  ... and {len(grown) - top} more")
+        return lines
 
     def summary_lines(self, top: int) -> list[str]:
         lines: list[str] = []
@@ -215,6 +279,12 @@ class RunMemory:
             f"{len(workers)} workers, {len(self.recycled)} recycled, {crashed} crashed; "
             f"largest peak {format_size(largest.peak_bytes)} ({largest_name})"
         )
+        own = sum(w.unit == "history" for w in workers)
+        if own:
+            lines.append(
+                f"{own} {'test' if own == 1 else 'tests'} had a worker of their own for the "
+                "memory they needed last run (--isolate=auto)"
+            )
         with_gc = [w for w in workers if w.gc]
         if with_gc:
             lines.append("garbage collector per worker (collections/collected/uncollectable):")

@@ -17,8 +17,9 @@ touches the cache.
 The worker also keeps its memory in check: an RLIMIT_AS ceiling set when it
 starts, and at every test boundary a look at its own memory (USS, see
 :class:`isolator.memory.Meter`); when the next test would likely take it over
-budget it tears down everything it set up, within that test's teardown, and
-leaves.
+budget (by what that test needed last run, or else by the largest step a test
+took here so far) it tears down everything it set up, within that test's
+teardown, and leaves.
 
 The worker never returns into pytest: it leaves with ``os._exit`` so that
 nothing the parent set up (session finish hooks, atexit handlers, a
@@ -46,9 +47,8 @@ import time
 import traceback
 import warnings
 from collections.abc import Generator
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import psutil
 import pytest
 
 from isolator import leftovers, memory
@@ -57,6 +57,9 @@ from isolator.cgroup import WorkerCgroup
 from isolator.settings import overrides_of
 from isolator.sizes import format_size
 from isolator.wire import Receiver, Sender
+
+if TYPE_CHECKING:
+    import psutil
 
 #: Hooks whose implementations report or record results; in a worker these
 #: reach only the worker plugin (see the invariant above).
@@ -122,6 +125,8 @@ class WorkerPlugin:
         self._step_vm = 0
         #: The running test's growth limit, if it has one.
         self._growth_limit: int | None = None
+        #: Own peak each test of the unit had last run (by node ID), where known.
+        self.recorded_peaks: dict[str, int] = {}
         #: Why this worker ends early, once it knows it will.
         self.recycle_reason: str | None = None
         #: The running test's time limit, if it has one.
@@ -345,6 +350,7 @@ class WorkerPlugin:
         budget = self.limits.budget_bytes
         if budget is not None and nextitem is not None:
             step = max(self._step_own, end.own_bytes - after_setup.own_bytes)
+            step = self.recorded_peaks.get(nextitem.nodeid, step)
             end = meter.settle(end, end.own_bytes + step - budget)
         peak = max(meter.peak_bytes(start, end), after_setup.own_bytes, end.own_bytes)
         self._test_stats = (
@@ -357,7 +363,7 @@ class WorkerPlugin:
         self._step_own = max(self._step_own, end.own_bytes - after_setup.own_bytes)
         self._step_vm = max(self._step_vm, end.vm_bytes - after_setup.vm_bytes)
         if nextitem is not None and self.recycle_reason is None:
-            self.recycle_reason = self._over_budget(end)
+            self.recycle_reason = self._over_budget(end, nextitem)
         if self.recycle_reason is not None and nextitem is not None:
             # Leave at this boundary: tear down what this worker set up
             # (module and session fixtures too) inside this test's teardown,
@@ -366,28 +372,37 @@ class WorkerPlugin:
         self._check_growth(item, end)
         return result
 
-    def _over_budget(self, now: memory.Sample) -> str | None:
-        """Why the next test would likely take this worker over its limits.
+    def _over_budget(self, now: memory.Sample, nextitem: pytest.Item) -> str | None:
+        """Why ``nextitem`` would likely take this worker over its limits.
 
-        The next test is assumed to grow the worker as much as the largest
-        test so far did, so a suite that leaks a little per test is recycled
-        before the ceiling fails one of its tests.
+        The next test is expected to need what it needed last run (its
+        recorded own peak) or, when that is not known, to grow the worker as
+        much as the largest test so far did, so a suite that leaks a little
+        per test is recycled before the ceiling fails one of its tests.
         """
+        recorded = self.recorded_peaks.get(nextitem.nodeid)
+        if recorded is None:
+            step_own, step_vm = self._step_own, self._step_vm
+            why = "for the next test"
+        else:
+            # Address space grows at least as much as resident memory does.
+            step_own, step_vm = recorded, max(self._step_vm, recorded)
+            why = f"that {nextitem.name} needed last run"
         budget = self.limits.budget_bytes
         if budget is not None:
             own = now.own_bytes
-            if own + self._step_own > budget:
+            if own + step_own > budget:
                 return (
-                    f"over budget: {format_size(own)} own memory + {format_size(self._step_own)} "
-                    f"for the next test > {format_size(budget)}"
+                    f"over budget: {format_size(own)} own memory + {format_size(step_own)} "
+                    f"{why} > {format_size(budget)}"
                 )
         ceiling = self.limits.ceiling_bytes
         if ceiling is not None and self.cgroup is None:  # RLIMIT_AS, address space
             mapped = now.vm_bytes - self.base.vm_bytes
-            if mapped + self._step_vm > ceiling:
+            if mapped + step_vm > ceiling:
                 return (
-                    f"near ceiling: {format_size(mapped)} mapped + {format_size(self._step_vm)} "
-                    f"for the next test > {format_size(ceiling)}"
+                    f"near ceiling: {format_size(mapped)} mapped + {format_size(step_vm)} "
+                    f"{why} > {format_size(ceiling)}"
                 )
         return None
 
@@ -487,6 +502,8 @@ class Orders:
     testsfailed: int
     #: Report the garbage collector's work over the unit.
     gc_stats: bool = False
+    #: Own peak of the plan's tests last run (by position), where known.
+    recorded_peaks: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 class Line:
@@ -521,13 +538,15 @@ class Line:
         self.session.testsfailed = message[1]
         return True
 
-    def following(self) -> int | None:
-        """The position of the item after the current one, None if the unit ends."""
+    def following(self) -> tuple[int, int | None] | None:
+        """The position of the item after the current one and its own peak
+        last run (if known); None if the unit ends."""
         message = self._next()
         if message is None or message[0] == "end":
             return None
         index: int = message[1]
-        return index
+        recorded: int | None = message[2]
+        return index, recorded
 
 
 def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -> NoReturn:
@@ -538,6 +557,8 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
     positions = list(orders.plan)
     plan = [items[index] for index in positions]
     open_ended = orders.open_ended
+    for position, peak in orders.recorded_peaks.items():
+        plugin.recorded_peaks[items[position].nodeid] = peak
     try:
         index = 0
         while index < len(plan):
@@ -552,8 +573,11 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
                 if following is None:
                     open_ended = False
                 else:
-                    positions.append(following)
-                    plan.append(items[following])
+                    position, recorded = following
+                    positions.append(position)
+                    plan.append(items[position])
+                    if recorded is not None:
+                        plugin.recorded_peaks[items[position].nodeid] = recorded
             nextitem = plan[index + 1] if index + 1 < len(plan) else None
             if plugin.beacon is not None:
                 plugin.beacon.began(positions[index])

@@ -269,6 +269,7 @@ def test_json_report_schema(pytester: pytest.Pytester, isolated: IsolatedRunner)
         "budget_bytes": 200 * MB,
         "ceiling_bytes": 200 * MB,
         "growth_limit_bytes": None,
+        "auto_threshold_bytes": None,
     }
     assert set(report["summary"]) == {
         "workers",
@@ -278,7 +279,10 @@ def test_json_report_schema(pytester: pytest.Pytester, isolated: IsolatedRunner)
         "largest_peak_bytes",
         "largest_peak_worker",
         "admission_waits",
+        "tests_with_history",
+        "peaks_grown",
     }
+    assert report["memory_changes"] == []
     worker = report["workers"][0]
     assert set(worker) == {
         "label",
@@ -295,11 +299,13 @@ def test_json_report_schema(pytester: pytest.Pytester, isolated: IsolatedRunner)
         "crashed",
         "samples",
         "gc",
+        "unit",
     }
     assert worker["node"] == "main"
+    assert worker["unit"] == "module"
     assert worker["ended"].startswith("recycled: over budget")
     test = report["tests"][0]
-    assert set(test) == {"nodeid", "worker", "peak_bytes", "growth_bytes", "at_s"}
+    assert set(test) == {"nodeid", "worker", "peak_bytes", "growth_bytes", "at_s", "start_bytes"}
     assert test["nodeid"] == "test_leaky.py::test_leaks_24mb[0]"
     assert 24 * 1024**2 <= test["growth_bytes"] < 30 * 1024**2
 
