@@ -4,6 +4,7 @@ it answers, so it can go when pytest changes."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -30,3 +31,19 @@ def after_unserialize(config: pytest.Config, report: object, data: dict[str, Any
     # the worker, so count them here too, before the top-level report.
     if report.failed and failed_subtests_key is not None:
         config.stash[failed_subtests_key][report.id] += 1
+
+
+def clear_inherited_queues(config: pytest.Config) -> None:
+    """Empty pytest's queues of unraisable exceptions and exceptions in
+    threads (pytest >= 8.4 keeps them in ``config.stash`` until the next test
+    phase reports them). In the pytest process no test phase ever runs, so
+    what they hold would be copied into, and reported by, every worker; call
+    this right after each fork, so that one worker reports it, once."""
+    for module, name in (
+        ("_pytest.unraisableexception", "unraisable_exceptions"),
+        ("_pytest.threadexception", "thread_exceptions"),
+    ):
+        key = getattr(sys.modules.get(module), name, None)
+        queue = config.stash.get(key, None) if key is not None else None
+        if queue is not None:
+            queue.clear()

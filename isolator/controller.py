@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pytest
 from pluggy import HookRelay
@@ -46,6 +46,9 @@ from isolator.stats import RunMemory
 from isolator.wire import Message, Sender
 
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+#: Fixtures that make the base temp directory.
+_TEMP_FIXTURES = frozenset({"tmp_path", "tmpdir", "tmp_path_factory", "tmpdir_factory"})
 #: Workers in a row that may die before starting a test before the run stops.
 _STILLBORN_LIMIT = 3
 #: How long an interrupted worker gets to tear down before it is killed.
@@ -54,22 +57,6 @@ _INTERRUPT_GRACE_S = 5.0
 _ITEM_MESSAGES = frozenset({"logstart", "report", "logfinish", "finished"})
 #: Item messages replayed as pytest's logging hooks.
 _LOG_MESSAGES = frozenset({"logstart", "report", "logfinish"})
-
-
-def _own_cmdline() -> bytes:
-    try:
-        with open("/proc/self/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def _cmdline_of(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -125,9 +112,8 @@ class Controller:
         self.faults: list[tuple[str, str]] = []
         #: Tags this run's workers (and what they start) in their environment.
         self._token = secrets.token_hex(8)
-        self._cmdline = _own_cmdline()
-        #: The base temp directory this process made before forking, if any.
-        self._basetemp: object = None
+        #: Where Python forks below workers register (made with the first worker).
+        self._forks: leftovers.ForkRegistry | None = None
         #: Workers in a row that died before they started a test.
         self._stillborn = 0
         self._spawned = 0
@@ -178,37 +164,24 @@ class Controller:
         markers = self.settings.markers
         for item in session.items:
             item.stash[overrides_key] = read_marker(item, markers)
-        self._make_basetemp()
+        self._make_basetemp(session.items)
 
-    def _make_basetemp(self) -> None:
-        """Make the run's base temp directory here, before any fork, so that
-        every worker numbers its ``tmp_path`` directories in the same one (as
-        plain pytest does) instead of making one each; and so that a given
-        ``--basetemp`` (which pytest-xdist gives every node) is emptied once,
-        not again by every worker."""
-        if self.in_worker:
-            return
+    def _make_basetemp(self, items: list[pytest.Item]) -> None:
+        """Make the run's base temp directory here, before any fork, when a
+        test will use it: every worker then numbers its ``tmp_path``
+        directories in the same one (as plain pytest does) instead of making
+        one each, and a given ``--basetemp`` (pytest-xdist gives every node
+        one) is emptied once, not again by every worker. A run whose tests
+        ask for none gets none, as without isolation."""
         factory = getattr(self.config, "_tmp_path_factory", None)
         if factory is None or getattr(factory, "_basetemp", None) is not None:
+            return
+        if not any(_TEMP_FIXTURES.intersection(getattr(it, "fixturenames", ())) for it in items):
             return
         # On OSError the tests that use tmp_path get the error themselves,
         # as they would without isolation.
         with contextlib.suppress(OSError):
-            self._basetemp = factory.getbasetemp()
-
-    def _drop_unused_basetemp(self) -> None:
-        """A base temp directory no test used is removed: plain pytest would
-        not have made it, and it would take a place in the retention count."""
-        basetemp = self._basetemp
-        if basetemp is None:
-            return
-        path = str(basetemp)
-        with contextlib.suppress(OSError):
-            if not os.listdir(path):
-                os.rmdir(path)
-                current = os.path.join(os.path.dirname(path), "pytest-current")
-                if os.path.islink(current) and not os.path.exists(current):
-                    os.unlink(current)
+            factory.getbasetemp()
 
     @pytest.hookimpl(optionalhook=True, tryfirst=True)
     def pytest_timeout_set_timer(self) -> bool | None:
@@ -243,18 +216,15 @@ class Controller:
         data = output.get("isolator_memory")
         if data:
             self.memory.merge(data)
-        node_id = output.get("workerid", "?")
         self.lingering.extend(
-            (f"{node_id}/{label}", nodeid, names)
-            for label, nodeid, names in output.get("isolator_lingering", [])
+            (label, nodeid, names) for label, nodeid, names in output.get("isolator_lingering", [])
         )
+        # These labels already name their node (RunMemory.name).
         self.leftovers.extend(
-            (f"{node_id}/{label}", [leftovers.Leftover(*fields) for fields in gone])
+            (label, [leftovers.Leftover(*fields) for fields in gone])
             for label, gone in output.get("isolator_leftovers", [])
         )
-        self.faults.extend(
-            (f"{node_id}/{label}", text) for label, text in output.get("isolator_faults", [])
-        )
+        self.faults.extend(output.get("isolator_faults", []))
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_sessionfinish(self) -> object:
@@ -269,9 +239,7 @@ class Controller:
                 for label, procs in self.leftovers
             ]
             workeroutput["isolator_faults"] = self.faults
-            result = yield
-            self._drop_unused_basetemp()
-            return result
+            return (yield)
         if self.history is not None:
             history.record(
                 self.config,
@@ -305,9 +273,7 @@ class Controller:
                 pytest.PytestWarning(f"isolator: could not write the memory report: {exc}"),
                 stacklevel=1,
             )
-        result = yield
-        self._drop_unused_basetemp()
-        return result
+        return (yield)
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if self.leftovers:
@@ -362,8 +328,12 @@ class Controller:
             if not proc.exited:
                 proc._reap()
         self.ending.clear()
-        if self._spawned:
+        if self._forks is not None:
             self._end_orphans(None)
+            self._forks.close()
+            self._forks = None
+            # pytest.main() may return into a program that is no reaper.
+            leftovers.set_subreaper(self._prctl, on=False)
 
     def _end_orphans(self, proc: WorkerProcess | None) -> None:
         """End the processes that workers left to this process (it is their
@@ -371,32 +341,39 @@ class Controller:
         ``proc`` died, or (None) at the end of the run.
 
         Only processes that provably came from a worker of this run are
-        touched: those tagged in their environment, and forks that never
-        called exec (they still run this process's command line)."""
-        workers = {p.pid for p in (self.current, self.parked, self.standby) if p is not None}
-        workers.update(p.pid for p in self.ending)
-        roots: list[int] = []
-        blame: dict[int, str] = {}
-        for pid in leftovers.children():
-            if pid in workers:
-                continue
-            tag = leftovers.environ_of(leftovers.process(pid)).get(leftovers.TAG, "")
-            if tag.startswith(f"{self._token} "):
-                blame[pid] = tag.split(" ", 1)[1]
-            elif not (proc is not None and self._cmdline and _cmdline_of(pid) == self._cmdline):
-                continue
-            roots.append(pid)
-        if not roots:
+        touched: those tagged in their environment (started with exec) and
+        those in the fork registry (Python forks); see ``leftovers``."""
+        if self._forks is None:
             return
+        blame: dict[int, str] = {}
 
-        ended = leftovers.end(
-            leftovers.descendants(roots), lambda pid, process: leftovers.test_from_environ(process)
-        )
+        def find() -> list[int]:
+            workers = {p.pid for p in (self.current, self.parked, self.standby) if p is not None}
+            workers.update(p.pid for p in self.ending)
+            roots = [
+                pid
+                for pid in leftovers.children()
+                if pid not in workers and self._worker_that_started(pid, blame)
+            ]
+            return leftovers.descendants(roots) if roots else []
+
+        ended = leftovers.end(find, lambda pid, process: leftovers.test_from_environ(process))
         by_worker: dict[str, list[leftovers.Leftover]] = {}
-        fallback = proc.label if proc is not None else "?"
         for gone in ended:
-            by_worker.setdefault(blame.get(gone.pid, fallback), []).append(gone)
+            label = blame.get(gone.pid) or (proc.label if proc is not None else "?")
+            by_worker.setdefault(self.memory.name(label), []).append(gone)
         self.leftovers.extend(by_worker.items())
+
+    def _worker_that_started(self, pid: int, blame: dict[int, str]) -> bool:
+        assert self._forks is not None
+        found = leftovers.process(pid)
+        tag = leftovers.environ_of(found).get(leftovers.TAG, "") if found is not None else ""
+        label = tag.split(" ", 1)[1] if tag.startswith(f"{self._token} ") else None
+        label = label or self._forks.worker_of(pid)
+        if label is None:
+            return False
+        blame[pid] = label
+        return True
 
     # -- workers ---------------------------------------------------------
 
@@ -523,28 +500,54 @@ class Controller:
         gc.freeze()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        if self._spawned == 1:
+        if self._forks is None:
             # Processes that workers leave behind when they die come here,
             # not to init, so that they can be found and ended.
-            leftovers.become_subreaper(self._prctl)
-        read_fd, write_fd = os.pipe()
-        go_read, go_write = os.pipe()
-        fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
-        beacon = Beacon()
-        cgroup = self.cgroups.for_worker(label) if self.cgroups is not None else None
-        pid = os.fork()
-        if pid == 0:
-            os.close(go_write)
-            self._become_worker(label, read_fd, write_fd, go_read, fault_fd, beacon, cgroup)
-        os.close(write_fd)
-        os.close(go_read)
-        # Also done in the worker; whichever runs first wins the race with a
-        # kill of the group.
-        with contextlib.suppress(OSError):
-            os.setpgid(pid, pid)
-        proc = WorkerProcess(label, pid, read_fd, go_write, fault_fd, beacon)
-        proc.cgroup = cgroup
-        return proc
+            leftovers.set_subreaper(self._prctl)
+            self._forks = leftovers.ForkRegistry()
+        fds: list[int] = []
+        beacon: Beacon | None = None
+        # Ctrl-C during fork() would be raised inside an at-fork hook, where
+        # Python reports it as unraisable and drops it; held until the fork
+        # is done (the worker lets it through once its handlers are set).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            read_fd, write_fd = os.pipe()
+            fds += (read_fd, write_fd)
+            go_read, go_write = os.pipe()
+            fds += (go_read, go_write)
+            fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
+            fds.append(fault_fd)
+            beacon = Beacon()
+            cgroup = self.cgroups.for_worker(label) if self.cgroups is not None else None
+            pid = os.fork()
+            if pid == 0:
+                os.close(go_write)
+                self._become_worker(
+                    label, read_fd, write_fd, go_read, fault_fd, beacon, blocked, cgroup
+                )
+            os.close(write_fd)
+            os.close(go_read)
+            # Also done in the worker; whichever runs first wins the race with a
+            # kill of the group.
+            with contextlib.suppress(OSError):
+                os.setpgid(pid, pid)
+            worker_process = WorkerProcess(label, pid, read_fd, go_write, fault_fd, beacon)
+            worker_process.cgroup = cgroup
+        except BaseException:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if beacon is not None:
+                beacon.close()
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        # What pytest queued in this process (unraisable exceptions, errors
+        # in threads) is the worker's to report now, once, not every later
+        # worker's again.
+        compat.clear_inherited_queues(self.config)
+        return worker_process
 
     def _become_worker(
         self,
@@ -554,6 +557,7 @@ class Controller:
         go_fd: int,
         fault_fd: int,
         beacon: Beacon,
+        sigmask: Iterable[int],
         cgroup: WorkerCgroup | None,
     ) -> None:
         def lost_pipe() -> None:
@@ -571,6 +575,7 @@ class Controller:
             # with SIGINT ignored (a background job of a shell script), and
             # the worker would inherit that.
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
             os.close(read_fd)
             os.setpgid(0, 0)
             if self._prctl is not None:
@@ -583,10 +588,13 @@ class Controller:
                 assert self.settings.ceiling_bytes is not None
                 cgroup.join(self.settings.ceiling_bytes)
                 self.plugin.cgroup = cgroup
-            leftovers.become_subreaper(self._prctl)
-            # Inherited by whatever the tests start with exec: if this worker
-            # dies, the parent can tell its leftovers from anyone else's.
+            leftovers.set_subreaper(self._prctl)
+            # Inherited by whatever the tests start with exec, and written by
+            # every Python fork below: if this worker dies, the parent can
+            # tell its leftovers from anyone else's.
             os.environ[leftovers.TAG] = f"{self._token} {label}"
+            if self._forks is not None:
+                self._forks.watch_forks(label)
             self.plugin.beacon = beacon
             # Other workers' pipes: holding them would hide those workers' end.
             for other in (self.current, self.parked, self.standby, *self.ending):
@@ -720,7 +728,7 @@ class Controller:
         elif kind == "done":
             proc.done = True
             if message[2]:
-                self.lingering.append((proc.label, proc.last_nodeid, message[2]))
+                self.lingering.append((self.memory.name(proc.label), proc.last_nodeid, message[2]))
             if message[1]:
                 proc.leave_reason = (
                     message[1] if message[1] == "ceiling hit" else f"recycled: {message[1]}"
@@ -742,8 +750,15 @@ class Controller:
             # The worker leaves now; the item in flight (if any) fails with
             # this when the worker's end is noticed (_report_lost).
             proc.fault = message[2]
-            if message[1] is None:
-                self.faults.append((self.memory.name(proc.label), message[2]))
+            if message[1] is None or message[1] == proc.last_nodeid:
+                # No test is in flight to be charged with it (none yet, or
+                # the one it names has finished): shown in the summary.
+                after = f"after {message[1]} finished:\n" if message[1] else ""
+                self.faults.append((self.memory.name(proc.label), after + message[2]))
+        elif kind == "undecodable":
+            self.faults.append(
+                (self.memory.name(proc.label), f"a message could not be read: {message[1]}")
+            )
         elif kind == "garbled":
             # What follows in the pipe cannot be trusted to be what it seems.
             proc.garbled = message[1]

@@ -9,11 +9,11 @@ a daemon's double fork), so ending the group misses it. Two things catch it:
   which ends them all (SIGTERM, then SIGKILL after a grace) before it leaves.
 - A worker that dies without doing that (a crash, a timeout, killed by its
   parent) leaves its orphans to the pytest process, which is a subreaper
-  too. Among its own children it ends only the ones it can prove came from a
-  worker: those that carry the worker's tag in their environment (anything
-  started with exec inherits it), and forks that never called exec (they
-  run the pytest process's own command line). A process a plugin of the
-  pytest process started is never touched.
+  too. Among its own children it ends only those it can prove came from a
+  worker of this run: a process started with exec inherits the worker's tag
+  in its environment, and a Python fork in a worker (or below it) writes its
+  PID and start time into the run's fork registry. Anything else, such as a
+  process a plugin of the pytest process forked, is never touched.
 
 Used in the worker and in the controller.
 """
@@ -39,6 +39,8 @@ TAG = "ISOLATOR_WORKER"
 #: How long a left-over process gets between SIGTERM and SIGKILL.
 GRACE_S = 2.0
 _KILL_WAIT_S = 5.0
+#: Rounds of looking again for processes that appeared while others were ended.
+_ROUNDS = 20
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -60,9 +62,9 @@ class Leftover:
         return f"PID {self.pid} {self.command}{during}: {self.ended}"
 
 
-def become_subreaper(prctl: Callable[..., int] | None) -> bool:
-    """Make orphaned descendants of this process its children; True if it worked."""
-    return prctl is not None and prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+def set_subreaper(prctl: Callable[..., int] | None, on: bool = True) -> bool:
+    """Make orphaned descendants of this process its children (or stop); True if it worked."""
+    return prctl is not None and prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
 
 
 def _children_of(pid: int) -> list[int]:
@@ -112,8 +114,8 @@ def descendants(roots: Iterable[int]) -> list[int]:
     return order
 
 
-def started_at(pid: int) -> float | None:
-    """When ``pid`` started, seconds on CLOCK_BOOTTIME (10 ms resolution)."""
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of ``pid``; None if gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -121,18 +123,65 @@ def started_at(pid: int) -> float | None:
         return None
     fields = stat[stat.rfind(b")") + 2 :].split()
     try:
-        return int(fields[19]) / _CLOCK_TICKS
+        return fields[0].decode(), int(fields[19])
     except (IndexError, ValueError):
         return None
 
 
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True  # gone
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"Z", b"X")
+def started_at(pid: int) -> float | None:
+    """When ``pid`` started, seconds on CLOCK_BOOTTIME (10 ms resolution)."""
+    stat = _stat(pid)
+    return None if stat is None else stat[1] / _CLOCK_TICKS
+
+
+class ForkRegistry:
+    """Where Python forks below the workers write who they are.
+
+    A memfd opened for appending, inherited by every worker: a line of a few
+    bytes written with O_APPEND lands whole, whichever process writes it.
+    """
+
+    def __init__(self) -> None:
+        # Close-on-exec: a process that execs carries the environment tag
+        # instead; forks keep the descriptor whatever the flag says.
+        self.fd = os.memfd_create("isolator-forks", os.MFD_CLOEXEC)
+        import fcntl
+
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_APPEND)
+        self.label = ""
+
+    def watch_forks(self, label: str) -> None:
+        """In worker ``label``: have every Python fork below it register itself."""
+        self.label = label
+        os.register_at_fork(after_in_child=self._register)
+
+    def _register(self) -> None:
+        pid = os.getpid()
+        stat = _stat(pid)
+        if stat is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.fd, f"{pid} {stat[1]} {self.label}\n".encode())
+
+    def worker_of(self, pid: int) -> str | None:
+        """The worker below which ``pid`` was forked, if it registered (and
+        is not another process that reused its PID)."""
+        stat = _stat(pid)
+        if stat is None:
+            return None
+        try:
+            size = os.fstat(self.fd).st_size
+            text = os.pread(self.fd, size, 0) if size else b""
+        except OSError:
+            return None
+        prefix = f"{pid} {stat[1]} ".encode()
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                return line[len(prefix) :].decode()
+        return None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 def _command(process: psutil.Process) -> str:
@@ -145,18 +194,60 @@ def _command(process: psutil.Process) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
-def _wait_all(pidfds: dict[int, int], timeout_s: float) -> set[int]:
-    """Wait until the processes behind ``pidfds`` exit; the pids that did."""
-    exited: set[int] = set()
+class _Target:
+    """A process being ended, held by a pidfd where one could be opened (so a
+    PID reused meanwhile is never signalled) and by its start time otherwise."""
+
+    def __init__(self, pid: int, start: int) -> None:
+        self.pid = pid
+        self.start = start
+        self.pidfd: int | None = None
+        with contextlib.suppress(OSError):
+            self.pidfd = os.pidfd_open(pid)
+
+    def signal(self, signum: int) -> str | None:
+        """Send ``signum``; the reason it could not be sent, if it could not."""
+        try:
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signum)
+            elif self.alive():
+                os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            return "could not be ended: not permitted to signal it"
+        return None
+
+    def alive(self) -> bool:
+        stat = _stat(self.pid)
+        return stat is not None and stat[1] == self.start and stat[0] not in ("Z", "X")
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def _wait_all(targets: list[_Target], timeout_s: float) -> None:
+    """Wait until every target has exited, or ``timeout_s`` passed."""
     deadline = time.monotonic() + timeout_s
-    while len(exited) < len(pidfds):
+    delay = 0.005
+    while True:
+        waiting = [target for target in targets if target.alive()]
         left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        waiting = {fd: pid for pid, fd in pidfds.items() if pid not in exited}
-        ready, _, _ = select.select(list(waiting), [], [], left)
-        exited.update(waiting[fd] for fd in ready)
-    return exited
+        if not waiting or left <= 0:
+            return
+        with_fd = [target.pidfd for target in waiting if target.pidfd is not None]
+        if len(with_fd) == len(waiting):
+            # poll, not select: descriptors may be numbered past 1024.
+            poller = select.poll()
+            for fd in with_fd:
+                poller.register(fd, select.POLLIN)
+            with contextlib.suppress(InterruptedError):
+                poller.poll(left * 1000)
+        else:
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.1)
 
 
 def _reap(pids: Iterable[int]) -> None:
@@ -165,56 +256,66 @@ def _reap(pids: Iterable[int]) -> None:
             os.waitpid(pid, os.WNOHANG)
 
 
-def end(pids: list[int], test_of: Callable[[int, psutil.Process], str]) -> list[Leftover]:
-    """End ``pids``: SIGTERM, then SIGKILL those still running after
-    :data:`GRACE_S`. Zombies are only reaped (they run nothing). Signals go
-    through pidfds, so a PID reused meanwhile is never hit."""
+def end(
+    find: Callable[[], list[int]], test_of: Callable[[int, psutil.Process], str]
+) -> list[Leftover]:
+    """End the processes ``find`` lists: SIGTERM, then SIGKILL for those still
+    running after :data:`GRACE_S`. Then look again, as many times as it
+    takes: whatever appeared meanwhile (forks of a process that ignored
+    SIGTERM) is killed at once. Zombies are only reaped."""
     import psutil
 
-    pidfds: dict[int, int] = {}
-    described: dict[int, tuple[str, str]] = {}
-    zombies: list[int] = []
-    for pid in pids:
-        if _is_zombie(pid):
-            zombies.append(pid)
-            continue
+    handled: dict[int, Leftover] = {}
+    everyone: list[int] = []
+    for round_ in range(_ROUNDS):
+        targets: list[_Target] = []
+        described: dict[int, tuple[str, str]] = {}
+        for pid in find():
+            everyone.append(pid)
+            stat = _stat(pid)
+            if pid in handled or stat is None or stat[0] in ("Z", "X"):
+                continue
+            target = _Target(pid, stat[1])
+            try:
+                process = psutil.Process(pid)
+                described[pid] = (_command(process), test_of(pid, process))
+            except psutil.Error:
+                target.close()
+                continue
+            targets.append(target)
+        if not targets:
+            break
+        refused: dict[int, str] = {}
+        first = signal.SIGTERM if round_ == 0 else signal.SIGKILL
         try:
-            pidfds[pid] = os.pidfd_open(pid)
-        except OSError:
-            continue
-        process = psutil.Process(pid)
-        described[pid] = (_command(process), test_of(pid, process))
-    try:
-        for fd in pidfds.values():
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(fd, signal.SIGTERM)
-        on_term = _wait_all(pidfds, GRACE_S)
-        stubborn = {pid: fd for pid, fd in pidfds.items() if pid not in on_term}
-        for fd in stubborn.values():
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-        _wait_all(stubborn, _KILL_WAIT_S)
-    finally:
-        for fd in pidfds.values():
-            os.close(fd)
-    _reap([*zombies, *pidfds])
-    return [
-        Leftover(
-            pid,
-            command,
-            test,
-            f"killed with SIGKILL after ignoring SIGTERM for {GRACE_S:g}s"
-            if pid in stubborn
-            else "ended with SIGTERM",
-        )
-        for pid, (command, test) in described.items()
-    ]
-
-
-def process(pid: int) -> psutil.Process:
-    import psutil
-
-    return psutil.Process(pid)
+            for target in targets:
+                why = target.signal(first)
+                if why is not None:
+                    refused[target.pid] = why
+            stubborn: set[int] = set()
+            if first == signal.SIGTERM:
+                _wait_all(targets, GRACE_S)
+                for target in targets:
+                    if target.alive() and target.pid not in refused:
+                        stubborn.add(target.pid)
+                        target.signal(signal.SIGKILL)
+            _wait_all(targets, _KILL_WAIT_S)
+        finally:
+            for target in targets:
+                target.close()
+        for pid, (command, test) in described.items():
+            if pid in refused:
+                how = refused[pid]
+            elif first == signal.SIGKILL:
+                how = "killed with SIGKILL (it appeared while others were being ended)"
+            elif pid in stubborn:
+                how = f"killed with SIGKILL after ignoring SIGTERM for {GRACE_S:g}s"
+            else:
+                how = "ended with SIGTERM"
+            handled[pid] = Leftover(pid, command, test, how)
+        _reap(everyone)
+    _reap(everyone)
+    return list(handled.values())
 
 
 def environ_of(process: psutil.Process) -> dict[str, str]:
@@ -225,6 +326,15 @@ def environ_of(process: psutil.Process) -> dict[str, str]:
     except psutil.Error:
         return {}
     return environ
+
+
+def process(pid: int) -> psutil.Process | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
 
 
 def _inherited_current_test() -> str:

@@ -7,12 +7,13 @@ shared page for a private copy, and RSS does not move: measured here, a
 child that rewrites 200 MB it inherited grows 0.1 MB in RSS and 200 MB in
 USS).
 
-USS is read from ``/proc/PID/smaps_rollup``, which walks the
-page tables: about 10 µs per MB resident here (0.3 ms at 30 MB, 2 ms at
-230 MB), several times what a trivial test costs. So a test boundary reads
-only ``/proc/self/statm`` and the page-fault counters (2 µs in all) and
-:class:`Meter` carries the last USS reading forward by them, reading USS again
-only when they say the figure may have drifted, or a limit decision is near.
+USS is read from ``/proc/PID/smaps_rollup``, which walks the page tables: in
+a worker between tests (its caches cold) 1.2 ms of CPU at 40 MB resident,
+7 ms at 250 MB, 10 ms at 560 MB here, several times what a trivial test
+costs. So a test boundary reads only ``/proc/self/statm`` and ``getrusage``
+(5 µs in all, with the arithmetic) and :class:`Meter` carries the last USS
+reading forward by them, reading USS again only when they say the figure may
+have drifted, or a limit decision is near.
 
 Other costs measured on the project's 2-core machine: resetting the peak
 through ``/proc/self/clear_refs`` 1 µs; psutil's ``memory_info()`` 11 µs (so
@@ -27,6 +28,7 @@ import errno
 import functools
 import os
 import resource
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,7 +39,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 #: mallopt parameter that caps the number of malloc arenas (glibc).
 _M_ARENA_MAX = -8
 #: What a USS reading costs per byte resident, until the first one is timed.
-_READING_S_PER_BYTE = 10e-6 / 1e6
+_READING_S_PER_BYTE = 30e-6 / 1e6
 #: Readings due because the carried-forward figure may have drifted take at
 #: most this share of a worker's time, readings due to age alone this share.
 _DRIFT_SHARE = 0.05
@@ -59,8 +61,6 @@ class Sample(NamedTuple):
     faults: int = 0
     #: Highest RSS since the peak was last reset (``Probe.reset_peak``), bytes.
     peak_rss_bytes: int = 0
-    #: CPU time the process has used, seconds.
-    cpu_s: float = 0.0
     #: Own memory (USS), bytes: read, or carried forward from the last reading.
     own_bytes: int = 0
     #: How far ``own_bytes`` may be off: 0 right after a reading.
@@ -92,7 +92,6 @@ class Probe:
             int(fields[0]) * _PAGE,
             usage.ru_minflt + usage.ru_majflt,
             usage.ru_maxrss * 1024,
-            usage.ru_utime + usage.ru_stime,
         )
 
     def reset_peak(self) -> None:
@@ -167,8 +166,9 @@ class Meter:
         #: left to measure with (a worker at its ceiling).
         self._last = self._anchor
         # Shares of the worker's time are shares of its CPU time: on a loaded
-        # machine wall time passes without the worker doing anything.
-        self._read_at = now.cpu_s
+        # machine wall time passes without the worker doing anything. (Not
+        # getrusage's: it moves in scheduler ticks, milliseconds apart.)
+        self._read_at = time.process_time()
         self._read_cost_s = now.rss_bytes * _READING_S_PER_BYTE
         #: USS readings taken (for the tests of this class, and curiosity).
         self.readings = 0
@@ -186,7 +186,7 @@ class Meter:
         rss_change = now.rss_bytes - anchor.rss_bytes
         faulted = (now.faults - anchor.faults) * _PAGE
         drift = faulted + abs(rss_change)
-        age_s = now.cpu_s - self._read_at
+        age_s = time.process_time() - self._read_at
         if (
             (
                 drift > max(_MIN_TOLERANCE, now.rss_bytes >> 6)
@@ -201,7 +201,7 @@ class Meter:
     def _carried(self, now: Sample, rss_change: int, faulted: int, drift: int) -> Sample:
         """``now`` with the last reading carried forward to it."""
         own = self._anchor.own_bytes + max(rss_change, faulted + min(rss_change, 0))
-        return Sample(now[0], now[1], now[2], now[3], now[4], max(own, 0), drift)
+        return Sample(now[0], now[1], now[2], now[3], max(own, 0), drift)
 
     def read_exactly(self) -> Sample:
         """Own memory now, read from the page tables."""
@@ -210,7 +210,7 @@ class Meter:
         return self._last
 
     def _read_exactly(self) -> Sample:
-        started = self.probe.sample().cpu_s
+        started = time.process_time()
         try:
             if self._smaps_rollup < 0:
                 self._smaps_rollup = os.open("/proc/self/smaps_rollup", os.O_RDONLY | os.O_CLOEXEC)
@@ -218,7 +218,7 @@ class Meter:
         except (OSError, ValueError, IndexError):
             uss = None
         now = self.probe.sample()
-        finished = now.cpu_s
+        finished = time.process_time()
         if uss is None:  # smaps_rollup unreadable: carry on with what we have
             rss_change = now.rss_bytes - self._anchor.rss_bytes
             faulted = (now.faults - self._anchor.faults) * _PAGE

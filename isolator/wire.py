@@ -62,13 +62,40 @@ class _BuiltinsPickler(pickle.Pickler):
         for base in (str, int, float):
             if isinstance(obj, base) and not isinstance(obj, bool):
                 # An IntEnum or a str subclass keeps its value.
-                return base, (base(obj),)
+                try:
+                    return base, (base(obj),)
+                except Exception:
+                    break
         return str, (_as_text(obj),)
+
+
+#: How deep a message may nest before what is deeper crosses as text (the
+#: pickler recurses, and a list nested thousands deep would overflow it).
+_MAX_DEPTH = 100
+
+
+def _shallow(obj: object, depth: int = 0) -> object:
+    if depth >= _MAX_DEPTH:
+        return _as_text(obj)
+    if isinstance(obj, dict) and type(obj) is dict:
+        return {_shallow(k, depth + 1): _shallow(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)) and type(obj) in (
+        list,
+        tuple,
+        set,
+        frozenset,
+    ):
+        return type(obj)(_shallow(part, depth + 1) for part in obj)
+    return obj
 
 
 def dumps_builtins(message: Message) -> bytes:
     buffer = io.BytesIO()
-    _BuiltinsPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
+    try:
+        _BuiltinsPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
+    except RecursionError:
+        buffer = io.BytesIO()
+        _BuiltinsPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(_shallow(message))
     return buffer.getvalue()
 
 
@@ -160,16 +187,19 @@ class Receiver:
             end = offset + _HEADER.size + length
             if end > size:
                 break
+            offset, body = end, buf[offset + _HEADER.size : end]
             try:
-                message = pickle.loads(buf[offset + _HEADER.size : end])
+                message = pickle.loads(body)
             except Exception as exc:
-                self._garble(f"{type(exc).__name__}: {exc}")
-                break
+                # The frame was whole; only its content could not be read
+                # (a class the parent cannot import, say). The next frame
+                # starts where this one ends.
+                self._messages.append(("undecodable", f"{type(exc).__name__}: {exc}"))
+                continue
             if not isinstance(message, tuple) or not message:
                 self._garble(f"a frame held {type(message).__name__}, not a message")
                 break
             self._messages.append(message)
-            offset = end
         if self.garbled:
             buf.clear()
         elif offset:

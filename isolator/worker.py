@@ -145,6 +145,10 @@ class WorkerPlugin:
         self._reserve_opened = False
         #: Building a report again, after the first try ran out of memory.
         self._rebuilding = False
+        self._leftovers_ended = False
+        #: Modules the parent had when this worker was forked: a class from
+        #: any other would be imported in the parent by unpickling it.
+        self.parent_modules: frozenset[str] = frozenset()
 
     def start(self, limits: Limits) -> None:
         """Begin measuring, and set the ceiling; called once the unit starts."""
@@ -191,7 +195,13 @@ class WorkerPlugin:
             return
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         # Whatever a test or plugin put in the report crosses, as text if need be.
-        self.sender.send_builtins("report", data)
+        try:
+            self.sender.send_builtins("report", data)
+        except MemoryError:
+            # A report of megabytes (captured output) past the ceiling.
+            if not self.open_reserve():
+                raise
+            self.sender.send_builtins("report", data)
         # Flushed per report so a crash in the next phase still leaves the
         # parent knowing which phases finished.
         self.sender.flush()
@@ -211,7 +221,13 @@ class WorkerPlugin:
         location: tuple[str, int, str] | None,
     ) -> None:
         if self.live:
-            self.sender.send("warning", encode_warning(warning_message), when, nodeid, location)
+            self.sender.send(
+                "warning",
+                encode_warning(warning_message, self.parent_modules),
+                when,
+                nodeid,
+                location,
+            )
 
     # -- time ------------------------------------------------------------
 
@@ -320,11 +336,12 @@ class WorkerPlugin:
         return candidates[-1] if candidates else self.test_starts[0][1]
 
     def end_leftovers(self) -> None:
-        """End what the unit's tests left running, and tell the parent."""
-        roots = leftovers.children()
-        if not roots:
+        """End what the unit's tests left running, and tell the parent (once)."""
+        if self._leftovers_ended or not leftovers.children():
             return
-        ended = leftovers.end(leftovers.descendants(roots), self.test_of)
+        self._leftovers_ended = True
+        _stop_multiprocessing_helpers()
+        ended = leftovers.end(lambda: leftovers.descendants(leftovers.children()), self.test_of)
         if ended:
             self.sender.send("leftovers", [dataclasses.astuple(gone) for gone in ended])
 
@@ -420,31 +437,40 @@ class WorkerPlugin:
             )
 
 
-def encode_warning(message: warnings.WarningMessage) -> dict[str, Any]:
+def encode_warning(
+    message: warnings.WarningMessage, parent_modules: frozenset[str]
+) -> dict[str, Any]:
+    """A recorded warning as the parent can rebuild it without importing
+    anything: its category crosses as a class only if the parent has that
+    class's module already (else as its name and nearest such base), and
+    the warning itself only if it pickles and its class is such a class."""
+
+    def known(cls: type) -> bool:
+        return cls.__module__ in parent_modules and _picklable(cls)
+
+    category = message.category
     payload: dict[str, Any] = {
-        "category": message.category,
+        "category": category,
         "filename": message.filename,
         "lineno": message.lineno,
         "line": message.line,
         "text": str(message.message),
         "message": None,
     }
-    try:
-        # Warnings with custom constructors may not survive a round trip;
-        # those fall back to their text.
-        pickle.loads(pickle.dumps(message.message))
-        payload["message"] = message.message
-    except Exception:
-        pass
-    try:
-        pickle.dumps(message.category)
-    except Exception:
-        # A category defined in a function: the parent gets a stand-in of
-        # the same name, so the warnings summary reads the same.
+    if not known(category):
         payload["category"] = next(
-            (base for base in message.category.__mro__[1:] if _picklable(base)), UserWarning
+            (base for base in category.__mro__[1:] if known(base)), UserWarning
         )
-        payload["category_name"] = message.category.__name__
+        payload["category_name"] = category.__name__
+    warning = message.message
+    if known(type(warning)):
+        try:
+            # Warnings with custom constructors may not survive a round
+            # trip; those fall back to their text.
+            pickle.loads(pickle.dumps(warning))
+            payload["message"] = warning
+        except Exception:
+            pass
     return payload
 
 
@@ -454,6 +480,22 @@ def _picklable(obj: object) -> bool:
     except Exception:
         return False
     return True
+
+
+def _stop_multiprocessing_helpers() -> None:
+    """Let multiprocessing's resource tracker and fork server, if this worker
+    started them, leave as they do at interpreter exit: they ignore SIGTERM
+    and leave when their pipe closes, and the tracker first removes the shared
+    memory tests leaked (as it would without isolation)."""
+    mine = set(leftovers.children())
+    for module, name, pid_attr in (
+        ("multiprocessing.resource_tracker", "_resource_tracker", "_pid"),
+        ("multiprocessing.forkserver", "_forkserver", "_forkserver_pid"),
+    ):
+        helper = getattr(sys.modules.get(module), name, None)
+        if helper is not None and getattr(helper, pid_attr, None) in mine:
+            with contextlib.suppress(Exception):
+                helper._stop()
 
 
 def _route_report_hooks(config: pytest.Config, plugin: WorkerPlugin) -> None:
@@ -483,6 +525,7 @@ def prepare(config: pytest.Config, plugin: WorkerPlugin, sender: Sender) -> None
     """
     _route_report_hooks(config, plugin)
     plugin.sender = sender
+    plugin.parent_modules = frozenset(sys.modules)
     plugin.live = True
 
 
@@ -606,18 +649,18 @@ def run_unit(orders: Orders, line: Line, plugin: WorkerPlugin, sender: Sender) -
             sender.send("done", plugin.recycle_reason, lingering_threads())
     except pytest.exit.Exception as exc:
         _teardown_quietly(session)
+        _end_leftovers_quietly(plugin)
         sender.send("exit", exc.msg, exc.returncode)
     except KeyboardInterrupt:
         _teardown_quietly(session)
+        _end_leftovers_quietly(plugin)
         sender.send("interrupt")
     except BaseException:
         plugin.open_reserve()
         fault(sender, None)
         code = 3
     finally:
-        if code:
-            with contextlib.suppress(BaseException):
-                plugin.end_leftovers()
+        _end_leftovers_quietly(plugin)
         _leave(sender, code)
 
 
@@ -681,6 +724,11 @@ def lingering_threads() -> list[str]:
         for thread in threading.enumerate()
         if thread is not main and not thread.daemon and thread.is_alive()
     ]
+
+
+def _end_leftovers_quietly(plugin: WorkerPlugin) -> None:
+    with contextlib.suppress(BaseException):
+        plugin.end_leftovers()
 
 
 def _teardown_quietly(session: pytest.Session) -> None:

@@ -583,3 +583,295 @@ def test_a_run_that_uses_no_temp_directory_leaves_none(
     without_basetemp(pytester, "--isolate=test").assert_outcomes(failed=1)
     leftover = [p.name for p in root.rglob("pytest-[0-9]*")]
     assert leftover == []
+
+
+# -- found in review: what the first version got wrong ------------------------
+
+
+def test_a_process_a_plugin_forked_in_the_pytest_process_is_left_alone(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makeconftest(
+        """
+        import multiprocessing, os, time
+
+        def idle():
+            time.sleep(60)
+
+        def pytest_sessionstart(session):
+            # Forked (not exec'd) by the pytest process itself, before any worker.
+            ctx = multiprocessing.get_context("fork")
+            session.config._helper = ctx.Process(target=idle, daemon=True)
+            session.config._helper.start()
+
+        def pytest_sessionfinish(session):
+            # Runs after isolator's shutdown (its sessionfinish wraps this one).
+            print(f"\\nHELPER ALIVE={session.config._helper.is_alive()}")
+            session.config._helper.kill()
+        """
+    )
+    pytester.makepyfile(test_x="import os\n\ndef test_crash():\n    os._exit(1)\n")
+    result = isolated.run("test", "-s")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*HELPER ALIVE=True*"])
+    assert "processes left running" not in result.stdout.str()
+
+
+def test_leftovers_are_ended_with_descriptors_past_1024_open(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    token = f"isolator-fds-{uuid.uuid4().hex[:12]}"
+    pytester.makeconftest(
+        """
+        import os
+
+        def pytest_configure(config):
+            config._held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        """
+    )
+    pytester.makepyfile(
+        test_fds=f"""
+            import os, subprocess, sys
+
+            def test_escapes_then_crashes():
+                subprocess.Popen(
+                    [sys.executable, "-c", "import time; time.sleep(300)", {token!r}],
+                    start_new_session=True,
+                )
+                os._exit(1)
+
+            def test_escapes():
+                subprocess.Popen(
+                    [sys.executable, "-c", "import time; time.sleep(300)", {token!r}],
+                    start_new_session=True,
+                )
+        """
+    )
+    try:
+        result = isolated.run("test")
+        no_internal_error(result)
+        result.assert_outcomes(passed=1, failed=1)
+        assert processes_with(token) == []
+    finally:
+        for pid in processes_with(token):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_processes_forked_while_others_are_ended_are_ended_too(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    token = f"isolator-hydra-{uuid.uuid4().hex[:12]}"
+    pytester.makepyfile(
+        test_hydra=f"""
+            import os, signal, subprocess, sys
+
+            # Ignores SIGTERM and keeps starting new sessions of sleepers.
+            CODE = (
+                "import os, signal, subprocess, sys, time\\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+                "print(1, flush=True)\\n"
+                "while True:\\n"
+                "    subprocess.Popen(['sleep', '300'], start_new_session=True)\\n"
+                "    time.sleep(0.05)\\n"
+            )
+
+            def test_hydra():
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", CODE, {token!r}],
+                    start_new_session=True, stdout=subprocess.PIPE,
+                )
+                assert proc.stdout.readline() == b"1\\n"
+        """
+    )
+    try:
+        before = set(_sleepers())
+        result = isolated.run("test")
+        result.assert_outcomes(passed=1)
+        assert processes_with(token) == []
+        assert set(_sleepers()) - before == set()
+    finally:
+        for pid in processes_with(token):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _sleepers() -> list[int]:
+    return [
+        pid
+        for pid in processes_with("sleep\x00300")
+        if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x00300\x00"
+    ]
+
+
+@pytest.mark.parametrize("how", ["exit", "interrupt"])
+def test_leftovers_are_ended_when_the_run_stops(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, how: str
+) -> None:
+    token = f"isolator-stop-{uuid.uuid4().hex[:12]}"
+    stop = 'pytest.exit("stop")' if how == "exit" else "raise KeyboardInterrupt"
+    pytester.makepyfile(
+        test_stop=f"""
+            import os, pytest, subprocess, sys
+
+            def test_escapes_then_stops():
+                subprocess.Popen(
+                    [sys.executable, "-c", "import time; time.sleep(300)", {token!r}],
+                    start_new_session=True,
+                )
+                {stop}
+        """
+    )
+    try:
+        result = isolated.run("module")
+        no_internal_error(result)
+        assert processes_with(token) == []
+    finally:
+        for pid in processes_with(token):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_multiprocessing_helpers_leave_as_at_exit_and_clean_up(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    name = f"isolator-shm-{uuid.uuid4().hex[:10]}"
+    pytester.makepyfile(
+        test_shm=f"""
+            from multiprocessing import shared_memory
+
+            def test_tidy():
+                segment = shared_memory.SharedMemory(create=True, size=4096)
+                segment.close()
+                segment.unlink()
+
+            def test_leaks():
+                # Never unlinked: the resource tracker removes it at exit.
+                shared_memory.SharedMemory(name={name!r}, create=True, size=4096).close()
+        """
+    )
+    result = isolated.run("test")
+    result.assert_outcomes(passed=2)
+    assert "processes left running" not in result.stdout.str()
+    assert not Path(f"/dev/shm/{name}").exists()
+
+
+def test_a_fault_after_the_last_report_is_shown_even_from_an_outer_wrapper(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    # A conftest in a subdirectory registers after isolator's own plugin, so
+    # its tryfirst wrapper sits outside isolator's.
+    sub = pytester.mkpydir("sub")
+    (sub / "conftest.py").write_text(
+        "import os, pytest\n"
+        "COLLECTOR = os.getpid()\n"
+        "@pytest.hookimpl(wrapper=True, tryfirst=True)\n"
+        "def pytest_runtest_protocol(item):\n"
+        "    result = yield\n"
+        "    if os.getpid() != COLLECTOR and item.name == 'test_one':\n"
+        "        raise RuntimeError('outer wrapper broke')\n"
+        "    return result\n"
+    )
+    (sub / "test_sub.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
+    result = isolated.run("module")
+    no_internal_error(result)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*isolator: worker faults outside the test phases*",
+            "*RuntimeError: outer wrapper broke*",
+        ]
+    )
+
+
+def test_a_warning_class_the_pytest_process_never_imported_stays_out_of_it(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_warnmod="""
+            import sys, warnings
+
+            def test_warns(tmp_path, monkeypatch):
+                (tmp_path / "helpermod.py").write_text(
+                    "class HelperWarning(UserWarning):\\n    pass\\n"
+                )
+                monkeypatch.syspath_prepend(tmp_path)
+                import helpermod
+                warnings.warn(helpermod.HelperWarning("from a module of the test's"))
+
+            def test_later_workers_never_saw_it():
+                assert "helpermod" not in sys.modules
+        """
+    )
+    result = isolated.run("test")
+    no_internal_error(result)
+    result.assert_outcomes(passed=2, warnings=1)
+    result.stdout.fnmatch_lines(["*HelperWarning: from a module of the test's*"])
+    assert "sent garbage" not in result.stdout.str()
+
+
+def test_odd_objects_in_a_report_cross_as_text(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makepyfile(
+        test_odd="""
+            class BadStr(str):
+                def __str__(self):
+                    raise RuntimeError("no str for you")
+
+            class BadInt(int):
+                def __int__(self):
+                    raise RuntimeError("no int for you")
+
+            def test_bad_str(record_property):
+                record_property("s", BadStr("x"))
+
+            def test_bad_int(record_property):
+                record_property("i", BadInt(3))
+
+            def test_deep(record_property):
+                deep = []
+                for _ in range(5000):
+                    deep = [deep]
+                record_property("deep", deep)
+        """
+    )
+    result = isolated.run("module")
+    no_internal_error(result)
+    result.assert_outcomes(passed=3)
+
+
+def test_a_run_that_uses_no_temp_directory_touches_none(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = pytester.path / "temproot"
+    monkeypatch.setenv("PYTEST_DEBUG_TEMPROOT", str(root))
+    user_root = root / "pytest-of-someone"
+    kept = [user_root / f"pytest-{n}" for n in range(3)]
+    for path in kept:
+        path.mkdir(parents=True)
+    given = pytester.path / "given"
+    given.mkdir()
+    (given / "keep.txt").write_text("x")
+    pytester.makepyfile(test_x="def test_x():\n    assert 0\n")
+    without_basetemp(pytester, "--isolate=test").assert_outcomes(failed=1)
+    without_basetemp(pytester, "--isolate=test", f"--basetemp={given}").assert_outcomes(failed=1)
+    assert all(path.is_dir() for path in kept)
+    assert (given / "keep.txt").exists()
+
+
+def test_an_unraisable_exception_in_the_pytest_process_is_reported_once(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    pytester.makeconftest(
+        """
+        class Broken:
+            def __del__(self):
+                raise ValueError("raised in __del__ in the pytest process")
+
+        def pytest_collection_finish(session):
+            Broken()
+        """
+    )
+    pytester.makepyfile(test_x="".join(f"def test_{i}():\n    pass\n\n" for i in range(5)))
+    plain = pytester.runpytest("-p", "isolator")
+    result = isolated.run("test")
+    plain_warnings = plain.parseoutcomes().get("warnings", 0)
+    assert result.parseoutcomes().get("warnings", 0) == plain_warnings
