@@ -173,11 +173,14 @@ def test_cgroup_ceiling_kills_a_hog_names_it_and_the_run_goes_on(
 
 LEFT_RUNNING = {
     "test_escapes": """
-        import subprocess
+        import os, subprocess
 
-        def test_starts_a_process_in_a_session_of_its_own():
-            # Out of the worker's process group, but not out of its cgroup.
-            subprocess.Popen(["setsid", "sleep", "987654"])
+        def test_leaves_a_process_no_one_can_tell_is_its_own():
+            # A session of its own (out of the worker's process group) and an
+            # empty environment (no tag saying which worker started it): once
+            # the worker dies, only its cgroup knows the process was its.
+            subprocess.Popen(["setsid", "env", "-i", "sleep", "987654"])
+            os._exit(3)
     """
 }
 
@@ -189,10 +192,10 @@ def test_cgroups_are_removed_with_whatever_is_left_in_them(
     before = _ours(hierarchy)
     pytester.makepyfile(**LEFT_RUNNING)
     result = isolated.run("module", "--worker-mem=256MB", "--worker-ceiling-kind=cgroup")
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(failed=1)
     assert _ours(hierarchy) <= before
     left = subprocess.run(["pgrep", "-f", "sleep 987654"], capture_output=True, text=True)
-    assert left.stdout == "", "the process the test started outlived its cgroup"
+    assert left.stdout == "", "the process the test started outlived its worker's cgroup"
 
 
 def _run_elsewhere(wrapper: list[str]) -> subprocess.CompletedProcess[str]:
