@@ -51,7 +51,7 @@ lint: $(STAMP) ## ruff and mypy
 demo: $(STAMP) ## Run the bundled example suite plain and isolated, side by side
 	$(PY) examples/demo.py
 
-bench: $(STAMP) ## Time plain pytest against --isolate=module/test/auto (ratios)
+bench: $(STAMP) ## Wall and CPU ratios vs plain pytest, per-worker costs (torch, pytest-forked in .bench venvs)
 	$(PY) bench/bench.py
 
 conformance: $(STAMP) ## Same verdict for every test of networkx and toolz, isolated or not

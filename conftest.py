@@ -7,9 +7,12 @@ happen in processes of their own and never in the test runner.
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
+
+from isolator import cgroup
 
 #: Module A pollutes a shared registry; module B expects it clean. Fails
 #: without isolation, passes with it.
@@ -85,3 +88,20 @@ class IsolatedRunner:
 
     def run(self, mode: str, *args: str) -> pytest.RunResult:
         return self.pytester.runpytest("-p", "isolator", f"--isolate={mode}", *args)
+
+
+def memory_cgroup_or_skip(version: int | None = None) -> cgroup.Hierarchy:
+    """This process's memory cgroup, if it is on cgroup ``version`` (any, if
+    None) and cgroups can be made under it here; otherwise the test is
+    skipped, saying why."""
+    hierarchy = cgroup.memory_hierarchy()
+    if hierarchy is None:
+        pytest.skip("no cgroup hierarchy with the memory controller is mounted here")
+    if version is not None and hierarchy.version != version:
+        pytest.skip(
+            f"the memory controller is bound to cgroup v{hierarchy.version} on this machine, "
+            f"so cgroup v{version} cannot limit memory here"
+        )
+    if not os.access(hierarchy.own, os.W_OK):
+        pytest.skip(f"cannot create cgroups under {hierarchy.own} (needs root or delegation)")
+    return hierarchy

@@ -1,7 +1,7 @@
 """The run's memory as a picture: one self-contained HTML page with an SVG chart.
 
-Each worker is a line of its own memory over time (it starts at zero: a
-fresh fork owns nothing yet); recycles and crashes are marked where the
+Each worker is a line of its own memory (USS) over time (it starts near zero:
+a fresh fork owns only the pages its start-up wrote to); recycles and crashes are marked where the
 worker ended; the budget is a dashed line. No scripts and nothing fetched, so
 the page opens anywhere, CI artifact viewers included.
 """

@@ -35,8 +35,10 @@ from collections.abc import Callable, Iterable
 import pytest
 from pluggy import HookRelay
 
-from isolator import compat, faults, history, leftovers, worker
+from isolator import compat, faults, forking, history, leftovers, worker
 from isolator.beacon import Beacon
+from isolator.cgroup import WAYS_OUT, WorkerCgroup, WorkerCgroups
+from isolator.memory import uss_bytes
 from isolator.process import WorkerProcess
 from isolator.schedule import Schedule
 from isolator.settings import Settings, overrides_key, read_marker
@@ -52,7 +54,6 @@ _TEMP_FIXTURES = frozenset({"tmp_path", "tmpdir", "tmp_path_factory", "tmpdir_fa
 _STILLBORN_LIMIT = 3
 #: How long an interrupted worker gets to tear down before it is killed.
 _INTERRUPT_GRACE_S = 5.0
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 #: Messages about one test, as opposed to the worker as a whole.
 _ITEM_MESSAGES = frozenset({"logstart", "report", "logfinish", "finished"})
 #: Item messages replayed as pytest's logging hooks.
@@ -104,11 +105,17 @@ class Controller:
     """Plugin that owns the workers of one pytest process."""
 
     def __init__(
-        self, config: pytest.Config, settings: Settings, plugin: worker.WorkerPlugin
+        self,
+        config: pytest.Config,
+        settings: Settings,
+        plugin: worker.WorkerPlugin,
+        cgroups: WorkerCgroups | None = None,
     ) -> None:
         self.config = config
         self.settings = settings
         self.plugin = plugin
+        #: Where workers' memory cgroups are made, under the cgroup ceiling.
+        self.cgroups = cgroups
         node = getattr(config, "workerinput", {}).get("workerid", "main")
         self.memory = RunMemory(time.time(), node)
         #: The worker whose reports are being replayed.
@@ -526,6 +533,7 @@ class Controller:
         # freezing them keeps the worker's collector from writing to every
         # one of them (which would copy the pages) (bpo-31558).
         gc.freeze()
+        self.plugin.parent_modules = forking.module_names()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         if self._forks is None:
@@ -547,11 +555,14 @@ class Controller:
             fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
             fds.append(fault_fd)
             beacon = Beacon()
+            cgroup = self.cgroups.for_worker(label) if self.cgroups is not None else None
             _allow_fork_with_threads()
             pid = os.fork()
             if pid == 0:
                 os.close(go_write)
-                self._become_worker(label, read_fd, write_fd, go_read, fault_fd, beacon, blocked)
+                self._become_worker(
+                    label, read_fd, write_fd, go_read, fault_fd, beacon, blocked, cgroup
+                )
             os.close(write_fd)
             os.close(go_read)
             # Also done in the worker; whichever runs first wins the race with a
@@ -559,6 +570,7 @@ class Controller:
             with contextlib.suppress(OSError):
                 os.setpgid(pid, pid)
             worker_process = WorkerProcess(label, pid, read_fd, go_write, fault_fd, beacon)
+            worker_process.cgroup = cgroup
         except BaseException:
             for fd in fds:
                 with contextlib.suppress(OSError):
@@ -583,6 +595,7 @@ class Controller:
         fault_fd: int,
         beacon: Beacon,
         sigmask: Iterable[int],
+        cgroup: WorkerCgroup | None,
     ) -> None:
         def lost_pipe() -> None:
             beacon.lost_pipe()
@@ -606,6 +619,12 @@ class Controller:
                 self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != self._parent_pid:
                 os._exit(1)  # the parent died before we could ask to follow it
+            if cgroup is not None:
+                # Before anything else: memory is charged to the cgroup a
+                # process is in when it touches a page.
+                assert self.settings.ceiling_bytes is not None
+                cgroup.join(self.settings.ceiling_bytes)
+                self.plugin.cgroup = cgroup
             leftovers.set_subreaper(self._prctl)
             # Inherited by whatever the tests start with exec, and written by
             # every Python fork below: if this worker dies, the parent can
@@ -818,14 +837,11 @@ class Controller:
         )
 
     def _sample(self, proc: WorkerProcess) -> None:
-        """Between test boundaries: how much memory the running worker holds
-        now (RSS read from /proc, so it costs the worker nothing)."""
-        try:
-            with open(f"/proc/{proc.pid}/statm", "rb") as statm:
-                rss = int(statm.read().split()[1]) * _PAGE
-        except (OSError, IndexError, ValueError):
-            return
-        self.memory.sampled(proc.label, rss, time.time())
+        """Between test boundaries: the running worker's own memory now (its
+        USS, read from /proc by this process, so the worker pays nothing)."""
+        own = uss_bytes(proc.pid)
+        if own is not None:
+            self.memory.sampled(proc.label, own, time.time())
 
     def _captured_by_lost_worker(self) -> list[tuple[str, str]]:
         """What a dead worker's test had written to the capture files.
@@ -869,13 +885,15 @@ class Controller:
         how = proc.ending().sentence
         cause = f"worker {proc.label} (PID {proc.pid}) {how} while running {item.nodeid}"
         hint = ""
-        if faults.killed_by(proc.wait_status) == signal.SIGKILL:
+        if proc.killed_by_ceiling:
+            hint = f"\n{WAYS_OUT}"
+        elif faults.killed_by(proc.wait_status) == signal.SIGKILL:
             worker_memory = self.memory.workers.get(proc.label)
             if worker_memory is not None:
                 hint = (
                     "\nSIGKILL from outside is often the kernel's OOM killer; the worker's "
-                    f"last measured memory was {format_size(worker_memory.end_bytes)} "
-                    f"(peak {format_size(worker_memory.peak_bytes)}) over its start"
+                    f"own memory was last measured at {format_size(worker_memory.end_bytes)} "
+                    f"(peak {format_size(worker_memory.peak_bytes)})"
                 )
         sections = self._captured_by_lost_worker()
         if not started:

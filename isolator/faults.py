@@ -61,6 +61,7 @@ def how_it_ended(
     fault: str | None = None,
     pipe_lost: bool = False,
     garbled: str | None = None,
+    ceiling: str | None = None,
 ) -> Ending:
     """The one account of an abnormal end that both the failed test and the
     worker table give, most telling cause first."""
@@ -83,6 +84,9 @@ def how_it_ended(
         return Ending(
             f"timed out after {timeout:g}s", f"timed out after {timeout:g}s and was killed"
         )
+    if ceiling is not None:
+        # What the worker's memory cgroup saw (--worker-ceiling-kind=cgroup).
+        return Ending("killed by the memory ceiling (cgroup)", ceiling)
     if killed_by(wait_status) == signal.SIGKILL:
         return Ending("killed by SIGKILL (OOM killer?)", describe_status(wait_status))
     status = describe_status(wait_status)

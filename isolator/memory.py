@@ -1,39 +1,74 @@
-"""Memory of the current process: cheap enough to read at every test boundary.
+"""Memory of the current process, and what a worker may use.
 
-A forked worker's RSS counts every page it shares with the parent it was
-forked from, so the figure that means "this worker's own memory" is its RSS
-*growth* over the moment it started: pages it allocated, plus shared pages it
-wrote to (copy-on-write made them its own).
+A worker's *own memory* is its USS: the pages no other process maps, which
+are the pages it allocated plus the copies it made of pages it shared with
+the pytest process it was forked from (a write to an inherited page swaps a
+shared page for a private copy, and RSS does not move: measured here, a
+child that rewrites 200 MB it inherited grows 0.1 MB in RSS and 200 MB in
+USS).
 
-Costs measured on the project's 2-core machine: reading ``/proc/self/statm``
-through a kept file descriptor is about 2 µs; resetting the peak through
-``/proc/self/clear_refs`` 1 µs; ``getrusage`` 1.3 µs. ``/proc/self/status`` (30
-µs) and psutil's USS (``smaps_rollup``, about 800 µs) stay off the per-test path.
+USS is read from ``/proc/PID/smaps_rollup``, which walks the page tables: in
+a worker between tests (its caches cold) 1.2 ms of CPU at 40 MB resident,
+7 ms at 250 MB, 10 ms at 560 MB here, several times what a trivial test
+costs. So a test boundary reads only ``/proc/self/statm`` and ``getrusage``
+(5 µs in all, with the arithmetic) and :class:`Meter` carries the last USS
+reading forward by them, reading USS again only when they say the figure may
+have drifted, or a limit decision is near.
+
+Other costs measured on the project's 2-core machine: resetting the peak
+through ``/proc/self/clear_refs`` 1 µs; psutil's ``memory_info()`` 11 µs (so
+the hot path reads statm itself); ``/proc/self/status`` 30 µs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
+import errno
+import functools
 import os
 import resource
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from isolator import cgroup
+from isolator.sizes import format_size
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 #: mallopt parameter that caps the number of malloc arenas (glibc).
 _M_ARENA_MAX = -8
+#: What a USS reading costs per byte resident, until the first one is timed.
+_READING_S_PER_BYTE = 30e-6 / 1e6
+#: Readings due because the carried-forward figure may have drifted take at
+#: most this share of a worker's time, readings due to age alone this share.
+_DRIFT_SHARE = 0.05
+_AGE_SHARE = 0.01
+#: Drift that calls for a reading: this much, or a 64th of RSS if larger.
+_MIN_TOLERANCE = 1 << 20
 
 
-@dataclasses.dataclass(frozen=True)
-class Sample:
+class Sample(NamedTuple):
+    """One look at this process's memory. (A tuple: several are made at every
+    test boundary, and a tuple is made three times faster than a frozen
+    dataclass.)"""
+
     #: Resident set size, bytes.
     rss_bytes: int
     #: Address space (what RLIMIT_AS counts), bytes.
     vm_bytes: int
+    #: Page faults (minor and major) since the process began; a fork starts at 0.
+    faults: int = 0
+    #: Highest RSS since the peak was last reset (``Probe.reset_peak``), bytes.
+    peak_rss_bytes: int = 0
+    #: Own memory (USS), bytes: read, or carried forward from the last reading.
+    own_bytes: int = 0
+    #: How far ``own_bytes`` may be off: 0 right after a reading.
+    drift_bytes: int = 0
 
 
 class Probe:
-    """Reads this process's memory; one per worker, opened after fork."""
+    """Reads this process's memory cheaply; one per worker, opened after fork."""
 
     def __init__(self) -> None:
         self._statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
@@ -51,7 +86,13 @@ class Probe:
 
     def sample(self) -> Sample:
         fields = os.pread(self._statm, 128, 0).split()
-        return Sample(rss_bytes=int(fields[1]) * _PAGE, vm_bytes=int(fields[0]) * _PAGE)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return Sample(
+            int(fields[1]) * _PAGE,
+            int(fields[0]) * _PAGE,
+            usage.ru_minflt + usage.ru_majflt,
+            usage.ru_maxrss * 1024,
+        )
 
     def reset_peak(self) -> None:
         """Start a new peak-RSS window (Linux: clear_refs 5 resets VmHWM)."""
@@ -62,6 +103,145 @@ class Probe:
     def peak_rss_bytes(self) -> int:
         """Highest RSS since the last ``reset_peak``."""
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# psutil is imported where it is used, never at start-up: importing it costs
+# every pytest run about 15 ms, and most runs never read USS.
+
+
+def uss_bytes(pid: int) -> int | None:
+    """Another process's own memory (USS), or None if it is gone; walks its page
+    tables (see the module docstring for the cost)."""
+    import psutil
+
+    try:
+        uss: int = psutil.Process(pid).memory_full_info().uss
+    except (psutil.Error, OSError):
+        return None
+    return uss
+
+
+def _own_uss(smaps_rollup_fd: int) -> int:
+    """This process's USS, as psutil computes it (the ``Private_*`` lines of
+    smaps_rollup), read here without psutil: importing it would cost a worker
+    16 ms of CPU, fifty times what a reading costs."""
+    data = os.pread(smaps_rollup_fd, 1 << 14, 0)
+    return (
+        sum(int(line.split()[1]) for line in data.splitlines() if line.startswith(b"Private_"))
+        * 1024
+    )
+
+
+class Meter:
+    """A worker's own memory (USS) at its test boundaries, at the price of RSS.
+
+    Between two USS readings, every page the worker makes its own costs it a
+    page fault: a fresh page for an allocation, or a copy of a page it shared.
+    So the figure is carried forward as the last reading, plus a page per
+    fault, less what RSS dropped (pages freed); when RSS grew by more than the
+    faults account for (huge pages, fault-around), by the RSS growth. That
+    overcounts memory allocated and freed again, and undercounts shared pages
+    unmapped and pages others stopped sharing by writing their own copies;
+    all but the last are bounded by the faults and the RSS change since the
+    reading, the *drift*.
+
+    USS is read again when the drift passes a 64th of RSS (1 MB at least)
+    and readings so far leave room (they take at most 5% of the worker's
+    CPU time), when none was taken for a hundred times what one costs (1%), and
+    when the drift passes a tenth of the growth limit in force (the leak
+    guard decides on it). Callers ask for a reading themselves when a
+    decision is within the drift (:meth:`read_exactly`).
+
+    The worker starts with the pages it faulted in since the fork: a fresh
+    fork shares every page with its parent, so it owned nothing then.
+    """
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+        # Opened at the first reading: most workers of --isolate=test never take one.
+        self._smaps_rollup = -1
+        now = probe.sample()
+        self._anchor = now._replace(own_bytes=now.faults * _PAGE)
+        #: What the last call returned: the answer when there is no memory
+        #: left to measure with (a worker at its ceiling).
+        self._last = self._anchor
+        # Shares of the worker's time are shares of its CPU time: on a loaded
+        # machine wall time passes without the worker doing anything. (Not
+        # getrusage's: it moves in scheduler ticks, milliseconds apart.)
+        self._read_at = time.process_time()
+        self._read_cost_s = now.rss_bytes * _READING_S_PER_BYTE
+        #: USS readings taken (for the tests of this class, and curiosity).
+        self.readings = 0
+
+    def read(self, growth_limit_bytes: int | None = None) -> Sample:
+        """Own memory now: the last reading carried forward, or a new one when due."""
+        with contextlib.suppress(MemoryError):
+            self._last = self._read(growth_limit_bytes)
+        return self._last
+
+    def _read(self, growth_limit_bytes: int | None) -> Sample:
+        # On every test boundary, three times per test: kept to a few µs.
+        now = self.probe.sample()
+        anchor = self._anchor
+        rss_change = now.rss_bytes - anchor.rss_bytes
+        faulted = (now.faults - anchor.faults) * _PAGE
+        drift = faulted + abs(rss_change)
+        age_s = time.process_time() - self._read_at
+        if (
+            (
+                drift > max(_MIN_TOLERANCE, now.rss_bytes >> 6)
+                and age_s * _DRIFT_SHARE >= self._read_cost_s
+            )
+            or age_s * _AGE_SHARE >= self._read_cost_s
+            or (growth_limit_bytes is not None and drift > growth_limit_bytes // 10)
+        ):
+            return self._read_exactly()
+        return self._carried(now, rss_change, faulted, drift)
+
+    def _carried(self, now: Sample, rss_change: int, faulted: int, drift: int) -> Sample:
+        """``now`` with the last reading carried forward to it."""
+        own = self._anchor.own_bytes + max(rss_change, faulted + min(rss_change, 0))
+        return Sample(now[0], now[1], now[2], now[3], max(own, 0), drift)
+
+    def read_exactly(self) -> Sample:
+        """Own memory now, read from the page tables."""
+        with contextlib.suppress(MemoryError):
+            self._last = self._read_exactly()
+        return self._last
+
+    def _read_exactly(self) -> Sample:
+        started = time.process_time()
+        try:
+            if self._smaps_rollup < 0:
+                self._smaps_rollup = os.open("/proc/self/smaps_rollup", os.O_RDONLY | os.O_CLOEXEC)
+            uss: int | None = _own_uss(self._smaps_rollup)
+        except (OSError, ValueError, IndexError):
+            uss = None
+        now = self.probe.sample()
+        finished = time.process_time()
+        if uss is None:  # smaps_rollup unreadable: carry on with what we have
+            rss_change = now.rss_bytes - self._anchor.rss_bytes
+            faulted = (now.faults - self._anchor.faults) * _PAGE
+            return self._carried(now, rss_change, faulted, faulted + abs(rss_change))
+        self._read_cost_s = finished - started
+        self._read_at = finished
+        self._anchor = now._replace(own_bytes=uss)
+        self.readings += 1
+        return self._anchor
+
+    def settle(self, now: Sample, margin_bytes: int, other_drift_bytes: int = 0) -> Sample:
+        """``now``, or an exact reading if a decision ``margin_bytes`` away from
+        its threshold could go the other way within the drift (``now``'s, and
+        that of the figure it is compared with)."""
+        if now.drift_bytes and abs(margin_bytes) <= now.drift_bytes + other_drift_bytes:
+            return self.read_exactly()
+        return now
+
+    @staticmethod
+    def peak_bytes(start: Sample, end: Sample) -> int:
+        """Highest own memory from ``start`` (taken when the peak was reset) to
+        ``end``, as far as the RSS high-water mark tells: what was new at the peak."""
+        return start.own_bytes + max(end.peak_rss_bytes - start.rss_bytes, 0)
 
 
 def set_ceiling(headroom_bytes: int, start_vm_bytes: int) -> int:
@@ -80,6 +260,78 @@ def set_ceiling(headroom_bytes: int, start_vm_bytes: int) -> int:
         limit = min(limit, soft)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     return limit
+
+
+#: How an exception says ENOMEM in words (strerror), for libraries that put
+#: it in their own message (lmdb, for one).
+_ENOMEM_TEXT = os.strerror(errno.ENOMEM)
+
+
+def _text(error: BaseException) -> str:
+    try:
+        return str(error)
+    except Exception:  # a broken __str__ is the test's business, not ours
+        return ""
+
+
+def _ceiling_failure(error: BaseException) -> BaseException | None:
+    """The exception in ``error``'s chain that says an allocation or a mapping
+    failed: what reaching an RLIMIT_AS ceiling looks like from Python."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError):  # allocations, numpy's _ArrayMemoryError
+            return current
+        if isinstance(current, OSError) and current.errno == errno.ENOMEM:  # mmap, mremap
+            return current
+        text = _text(current)
+        if isinstance(current, RuntimeError) and "can't start new thread" in text:
+            return current  # pthread_create could not map the thread's stack
+        if _ENOMEM_TEXT in text:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def explain_ceiling_failure(
+    error: BaseException, worker: str, test: str, ceiling_bytes: int, mapped_bytes: int
+) -> bool:
+    """Say in ``error`` (or the exception in its chain that failed to get
+    memory) that the worker's RLIMIT_AS ceiling is what it ran into, what that
+    ceiling counts, and the ways out. True if ``error`` is of that kind.
+
+    ``mapped_bytes`` is the address space the worker had mapped over its start.
+    """
+    failure = _ceiling_failure(error)
+    if failure is None:
+        return False
+    if getattr(failure, "_isolator_explained", False):
+        return True
+    left = max(ceiling_bytes - mapped_bytes, 0)
+    explanation = (
+        f"worker {worker} is limited to {format_size(ceiling_bytes)} of address space "
+        f"(RLIMIT_AS) and {test} asked for more than the {format_size(left)} left; RLIMIT_AS "
+        f"counts every mapping and reservation, used or not ({format_size(mapped_bytes)} mapped "
+        "since the worker started). Ways out: a bigger ceiling (--worker-mem, --worker-ceiling "
+        "or @pytest.mark.isolate(mem=...)), none (--worker-ceiling=none), or one that counts "
+        "memory used (--worker-ceiling-kind=cgroup)"
+    )
+    # The message is where every report shows it (terminal, junit xml, -rA):
+    # in front for MemoryError, whose own message is often empty; after the
+    # original words for the others, keeping their type and errno.
+    if isinstance(failure, MemoryError):
+        detail = failure.args[0] if failure.args and failure.args[0] else None
+        failure.args = (explanation + (f" ({detail})" if detail else ""),)
+    elif isinstance(failure, OSError):
+        failure.strerror = f"{failure.strerror}: {explanation}"
+    elif isinstance(failure, RuntimeError) and type(failure).__str__ is BaseException.__str__:
+        failure.args = (f"{failure}: {explanation}",)
+    elif hasattr(failure, "add_note"):
+        failure.add_note(f"isolator: {explanation}")
+    with contextlib.suppress(AttributeError, TypeError):
+        failure._isolator_explained = True  # type: ignore[attr-defined]
+    return True
 
 
 #: Address space a worker may map past its ceiling once it has hit it, only to
@@ -153,64 +405,42 @@ class MemoryMonitor:
 #: available: for tests of admission, and for machines whose figure is wrong.
 AVAILABLE_OVERRIDE_ENV = "ISOLATOR_AVAILABLE_MEMORY_FILE"
 
-_CGROUP_FILES = (
-    # cgroup v2, then v1: (limit, usage)
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-    (
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-    ),
-)
+
+@functools.cache
+def _hierarchy(pid: int) -> cgroup.Hierarchy | None:
+    # Keyed by PID: a process keeps its cgroup, a fork may be moved to another.
+    return cgroup.memory_hierarchy()
 
 
-#: cgroup v1 writes "no limit" as a number near 2**63 (v2 writes "max").
-_NO_CGROUP_LIMIT = 1 << 60
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _meminfo(field: str) -> int:
-    """One ``/proc/meminfo`` figure, in bytes (0 if it cannot be read)."""
-    prefix = f"{field}:"
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(prefix):
-                return int(line.split()[1]) * 1024
-    return 0
+def _cgroup_limits() -> list[tuple[int, int | None]]:
+    hierarchy = _hierarchy(os.getpid())
+    return cgroup.limits(hierarchy) if hierarchy is not None else []
 
 
 def total_bytes() -> int:
     """All the memory this process could ever be given: MemTotal, or the
-    container's cgroup limit if lower."""
-    total = _meminfo("MemTotal")
-    for limit_path, _ in _CGROUP_FILES:
-        limit = _read_int(limit_path)
-        if limit is not None and limit < _NO_CGROUP_LIMIT:
-            total = min(total, limit)
-            break
+    tightest limit of its own cgroup and their ancestors if lower."""
+    import psutil
+
+    total = int(psutil.virtual_memory().total)
+    for limit, _ in _cgroup_limits():
+        total = min(total, limit)
     return total
 
 
 def available_bytes() -> int:
     """Memory a new worker could use without pushing the machine into the
-    OOM killer: the kernel's MemAvailable, or less if this container's
-    cgroup limit leaves less."""
+    OOM killer: the kernel's MemAvailable, or less if the cgroup this process
+    is in (or one of its ancestors) leaves less under its limit."""
     override = os.environ.get(AVAILABLE_OVERRIDE_ENV)
     if override:
-        value = _read_int(override)
+        value = cgroup.read_bytes(Path(override))
         if value is not None:
             return value
-    available = _meminfo("MemAvailable")
-    for limit_path, usage_path in _CGROUP_FILES:
-        limit, usage = _read_int(limit_path), _read_int(usage_path)
-        if limit is not None and usage is not None and limit < _NO_CGROUP_LIMIT:
+    import psutil
+
+    available = int(psutil.virtual_memory().available)
+    for limit, usage in _cgroup_limits():
+        if usage is not None:
             available = min(available, max(limit - usage, 0))
-            break
     return available

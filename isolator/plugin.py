@@ -7,12 +7,16 @@ With isolation off (the default) this module registers nothing else, so
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
+import sys
 from collections.abc import Iterator
 
 import pytest
 
+from isolator.cgroup import CgroupError, WorkerCgroups
 from isolator.controller import Controller
+from isolator.forking import ForkPrep
 from isolator.memory import MemoryMonitor
 from isolator.settings import add_options, load_settings
 from isolator.worker import WorkerPlugin
@@ -36,6 +40,13 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _close_cgroups(cgroups: WorkerCgroups) -> None:
+    failed = cgroups.close()
+    if failed:
+        # The run is over and reported; this is all that is left to say.
+        sys.stderr.write(f"isolator: could not remove cgroups: {', '.join(failed)}\n")
+
+
 def _restore_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -52,11 +63,22 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = load_settings(config)
     if not settings.enabled:
         return
+    cgroups = None
+    if settings.ceiling_kind == "cgroup":
+        assert settings.ceiling_bytes is not None  # load_settings checked it
+        try:
+            cgroups = WorkerCgroups.prepare(settings.ceiling_bytes)
+        except CgroupError as exc:
+            raise pytest.UsageError(
+                f"isolator: {settings.ceiling_kind_source}=cgroup: cannot be enforced here: {exc}"
+            ) from None
+        config.add_cleanup(functools.partial(_close_cgroups, cgroups))
     plugin = WorkerPlugin(config)
     config.pluginmanager.register(plugin, "isolator-worker")
-    controller = Controller(config, settings, plugin)
+    controller = Controller(config, settings, plugin, cgroups)
     config.stash[controller_key] = controller
     config.pluginmanager.register(controller, "isolator-controller")
+    config.pluginmanager.register(ForkPrep(settings.mode), "isolator-forking")
     # SIGTERM ends the run the way Ctrl-C does, so that workers are stopped
     # and what finished is reported; left alone if someone else handles it.
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:

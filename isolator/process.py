@@ -20,6 +20,7 @@ import pytest
 
 from isolator import faults, worker
 from isolator.beacon import Beacon
+from isolator.cgroup import Ending, WorkerCgroup
 from isolator.wire import Message, Receiver, Sender
 
 
@@ -55,6 +56,10 @@ class WorkerProcess:
         self.leave_reason: str | None = None
         #: The last test whose reports were replayed.
         self.last_nodeid = ""
+        #: The worker's memory cgroup (the cgroup ceiling), and what it saw,
+        #: read when the worker is reaped; the cgroup is removed then.
+        self.cgroup: WorkerCgroup | None = None
+        self.cgroup_ending: Ending | None = None
         #: What the worker said went wrong outside the test phases, if it did.
         self.fault: str | None = None
         #: Why the parent could not read what the worker sent, if it could not.
@@ -74,6 +79,15 @@ class WorkerProcess:
         return f"<worker {self.label} (PID {self.pid}) {faults.describe_status(self.wait_status)}>"
 
     @property
+    def killed_by_ceiling(self) -> bool:
+        """The kernel killed it for going over the cgroup ceiling."""
+        return (
+            self.cgroup_ending is not None
+            and self.cgroup_ending.oom_kills > 0
+            and faults.killed_by(self.wait_status) == signal.SIGKILL
+        )
+
+    @property
     def exited(self) -> bool:
         return self.wait_status is not None
 
@@ -86,12 +100,14 @@ class WorkerProcess:
 
     def ending(self) -> faults.Ending:
         """How this worker ended, once it has (see :func:`faults.how_it_ended`)."""
+        cgroup = self.cgroup_ending
         return faults.how_it_ended(
             self.wait_status,
             stacks=self.fault_stacks,
             fault=self.fault,
             pipe_lost=self.beacon.pipe_lost,
             garbled=self.garbled,
+            ceiling=cgroup.describe() if cgroup is not None and self.killed_by_ceiling else None,
         )
 
     def began(self, position: int | None) -> bool:
@@ -156,6 +172,7 @@ class WorkerProcess:
         _, self.wait_status = os.waitpid(self.pid, 0)
         self.fault_stacks = self._read_fault_stacks()
         self._close()
+        self._end_cgroup()
 
     def try_reap(self) -> bool:
         """Reap the worker if it has exited; never blocks."""
@@ -166,7 +183,16 @@ class WorkerProcess:
             return False
         self.wait_status = status
         self._close()
+        self._end_cgroup()
         return True
+
+    def _end_cgroup(self) -> None:
+        # The worker is reaped; its process group was sent SIGKILL when it
+        # was told to stop, and removing the cgroup ends whatever else is
+        # still in it.
+        if self.cgroup is not None:
+            self.cgroup_ending = self.cgroup.finish()
+            self.cgroup = None
 
     def _read_fault_stacks(self) -> str:
         try:

@@ -21,6 +21,8 @@ NumberT = TypeVar("NumberT", int, float)
 
 Mode = Literal["off", "module", "test", "marked", "shared", "auto"]
 MODES: tuple[Mode, ...] = ("off", "module", "test", "marked", "shared", "auto")
+CeilingKind = Literal["rlimit", "cgroup"]
+CEILING_KINDS: tuple[CeilingKind, ...] = ("rlimit", "cgroup")
 
 #: Defaults of the history settings (see history.py).
 DEFAULT_AUTO_SHARE = 0.25
@@ -56,6 +58,16 @@ def add_options(parser: pytest.Parser) -> None:
         metavar="SIZE|none",
         help="Hard RLIMIT_AS ceiling per worker, apart from the budget (default: same as "
         "--worker-mem; 'none' for no ceiling). Ini: worker_ceiling.",
+    )
+    group.addoption(
+        "--worker-ceiling-kind",
+        dest="worker_ceiling_kind",
+        default=None,
+        metavar="rlimit|cgroup",
+        help="What the ceiling counts: rlimit (default) caps address space with RLIMIT_AS, "
+        "mappings and reservations included; cgroup puts each worker in a memory cgroup of "
+        "its own and caps memory used (needs root or a delegated cgroup). Ini: "
+        "worker_ceiling_kind.",
     )
     group.addoption(
         "--isolate-timeout",
@@ -124,6 +136,7 @@ def add_options(parser: pytest.Parser) -> None:
     )
     parser.addini("worker_mem", "Default for --worker-mem.", default="")
     parser.addini("worker_ceiling", "Default for --worker-ceiling.", default="")
+    parser.addini("worker_ceiling_kind", "Default for --worker-ceiling-kind.", default="")
     parser.addini("isolate_timeout", "Default for --isolate-timeout.", default="")
     parser.addini(
         "isolate_auto_threshold",
@@ -178,7 +191,8 @@ class Settings:
     mode: Mode
     #: Recycle a worker whose own memory is over this many bytes.
     budget_bytes: int | None
-    #: RLIMIT_AS headroom above the worker's starting address space.
+    #: The ceiling: RLIMIT_AS headroom above the worker's starting address
+    #: space, or the limit of its memory cgroup.
     ceiling_bytes: int | None
     #: Kill a worker whose test runs longer than this.
     timeout_s: float | None
@@ -202,6 +216,10 @@ class Settings:
     #: A test's peak grew since the last run when it grew by more than both.
     change_min_bytes: int = DEFAULT_CHANGE_BYTES
     change_min_percent: float = DEFAULT_CHANGE_PERCENT
+    #: What the ceiling counts: address space (RLIMIT_AS) or memory (a cgroup).
+    ceiling_kind: CeilingKind = "rlimit"
+    #: Where the ceiling kind came from, for messages.
+    ceiling_kind_source: str = "--worker-ceiling-kind"
 
     @property
     def enabled(self) -> bool:
@@ -279,6 +297,23 @@ def _size(config: pytest.Config, option: str | None, ini: str, *, allow_none: bo
         raise pytest.UsageError(f"isolator: {where}: {exc}") from None
 
 
+ChoiceT = TypeVar("ChoiceT", bound=str)
+
+
+def _choice(
+    config: pytest.Config, option: str, ini: str, choices: tuple[ChoiceT, ...], what: str
+) -> tuple[ChoiceT, str]:
+    """One of ``choices`` (the first if not given), and where it came from."""
+    raw, where = _source(config, option, ini)
+    text = choices[0] if raw is None else raw.strip().lower()
+    for choice in choices:
+        if text == choice:
+            return choice, where
+    raise pytest.UsageError(
+        f"isolator: {where}: {raw!r} is not {what} (choose from {', '.join(choices)})"
+    )
+
+
 def _percent(config: pytest.Config, ini: str) -> float | None:
     """A number of percent, "20" or "20%", more than 0."""
     raw, where = _source(config, None, ini)
@@ -313,14 +348,7 @@ def _size_or_share(config: pytest.Config, ini: str, budget: int | None) -> int |
 
 
 def load_settings(config: pytest.Config) -> Settings:
-    raw_mode, where = _source(config, "isolate", "isolate")
-    mode_text = "off" if raw_mode is None else raw_mode.strip().lower()
-    if mode_text not in MODES:
-        raise pytest.UsageError(
-            f"isolator: {where}: {raw_mode!r} is not an isolation mode "
-            f"(choose from {', '.join(MODES)})"
-        )
-    mode: Mode = mode_text
+    mode, where = _choice(config, "isolate", "isolate", MODES, "an isolation mode")
     if mode != "off":
         missing = [name for name in ("fork", "pidfd_open", "memfd_create") if not hasattr(os, name)]
         if missing:
@@ -342,6 +370,15 @@ def load_settings(config: pytest.Config) -> Settings:
         ceiling = budget
     else:
         ceiling = _size(config, "worker_ceiling", "worker_ceiling", allow_none=True)
+
+    ceiling_kind, kind_source = _choice(
+        config, "worker_ceiling_kind", "worker_ceiling_kind", CEILING_KINDS, "a kind of ceiling"
+    )
+    if ceiling_kind == "cgroup" and ceiling is None:
+        raise pytest.UsageError(
+            f"isolator: {kind_source}: 'cgroup' needs a ceiling to enforce: --worker-mem=SIZE "
+            "or --worker-ceiling=SIZE"
+        )
 
     timeout = _number(config, "isolate_timeout", "isolate_timeout", float, positive=True)
 
@@ -372,6 +409,8 @@ def load_settings(config: pytest.Config) -> Settings:
         gc_stats=bool(config.getoption("isolate_gc_stats")),
         budget_bytes=budget,
         ceiling_bytes=ceiling,
+        ceiling_kind=ceiling_kind,
+        ceiling_kind_source=kind_source or "--worker-ceiling-kind",
         timeout_s=timeout,
         markers=markers,
         growth_limit_bytes=growth_limit,

@@ -1,7 +1,8 @@
 """Memory figures of a run: per test, per worker, and in total.
 
-Every figure is a worker's *own* memory: its RSS growth over the moment it
-started (pages it shares with the process it was forked from don't count).
+Every figure is a worker's *own* memory: its USS, the pages no other process
+maps (what it allocated, and its copies of pages it shared with the process
+it was forked from); see :class:`isolator.memory.Meter` for how it is read.
 The controller feeds this from the workers' messages; the terminal summary,
 the JSON report and the HTML picture all read from it.
 """
@@ -16,8 +17,12 @@ from typing import Any
 from isolator.sizes import format_size
 
 #: Bump when a field changes meaning or goes away; adding fields keeps it.
-SCHEMA_VERSION = 1
-MEASURE = "RSS growth over the worker's start (its own memory, not pages shared with its parent)"
+SCHEMA_VERSION = 2
+MEASURE = (
+    "USS: each worker's own memory (pages it allocated, and its copies of pages it shared "
+    "with its parent); read from smaps_rollup, carried forward by page faults and RSS between "
+    "readings"
+)
 
 
 @dataclasses.dataclass
@@ -59,6 +64,8 @@ class WorkerMemory:
     pid: int
     started_s: float
     start_rss_bytes: int = 0
+    #: Own memory when its unit started (pages it made its own since the fork).
+    start_bytes: int = 0
     ended_s: float | None = None
     peak_bytes: int = 0
     end_bytes: int = 0
@@ -92,6 +99,8 @@ class RunMemory:
         self.tests: list[TestMemory] = []
         #: Times a worker waited for the machine to have its budget available.
         self.admission_waits = 0
+        #: Highest sample the parent took of a worker while its current test ran.
+        self._sampled_peak: dict[str, int] = {}
         #: The unit each worker was given, until it says it started.
         self._units: dict[str, str] = {}
         #: Tests that ran and had figures from the last run; those whose peak grew.
@@ -101,11 +110,20 @@ class RunMemory:
     def worker_unit(self, label: str, unit: str) -> None:
         self._units[label] = unit
 
-    def worker_started(self, label: str, pid: int, start_rss: int, at: float) -> None:
+    def worker_started(self, label: str, pid: int, start: tuple[int, int], at: float) -> None:
+        """A worker began its unit with ``start`` = (RSS, own memory)."""
+        start_rss, start_own = start
         worker = WorkerMemory(
-            label, self.node, pid, at - self.t0, start_rss, unit=self._units.pop(label, "")
+            label,
+            self.node,
+            pid,
+            at - self.t0,
+            start_rss,
+            start_own,
+            unit=self._units.pop(label, ""),
         )
-        worker.samples.append((worker.started_s, 0))
+        worker.peak_bytes = worker.end_bytes = start_own
+        worker.samples.append((worker.started_s, start_own))
         self.workers[label] = worker
 
     def _display(self, worker: WorkerMemory) -> str:
@@ -118,26 +136,27 @@ class RunMemory:
         worker = self.workers.get(label)
         if worker is None:
             return
-        start_rss, after_setup_rss, peak_rss, end_rss, at = stats
-        base = worker.start_rss_bytes
+        start, after_setup, peak, end, at = stats
         at_s = at - self.t0
-        peak = max(peak_rss, end_rss, start_rss) - base
-        growth = end_rss - after_setup_rss
+        peak = max(peak, end, start, self._sampled_peak.pop(label, 0))
         self.tests.append(
-            TestMemory(nodeid, self.name(label), peak, growth, at_s, start_rss - base)
+            TestMemory(nodeid, self.name(label), peak, end - after_setup, at_s, start)
         )
         worker.tests += 1
         worker.peak_bytes = max(worker.peak_bytes, peak)
-        worker.end_bytes = end_rss - base
+        worker.end_bytes = end
         worker.samples.append((at_s, peak))
         worker.samples.append((at_s, worker.end_bytes))
 
-    def sampled(self, label: str, rss_bytes: int, at: float) -> None:
-        """A reading taken by the parent while the worker ran a test."""
+    def sampled(self, label: str, own_bytes: int, at: float) -> None:
+        """A reading the parent took of a worker's own memory while it ran a
+        test: the test whose figures arrive next (a silent worker has sent
+        everything before it)."""
         worker = self.workers.get(label)
         if worker is None:
             return
-        own = rss_bytes - worker.start_rss_bytes
+        own = own_bytes
+        self._sampled_peak[label] = max(self._sampled_peak.get(label, 0), own)
         worker.peak_bytes = max(worker.peak_bytes, own)
         worker.samples.append((at - self.t0, own))
 

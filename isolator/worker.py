@@ -15,10 +15,11 @@ steer the run from reports (the session's ``--maxfail`` counter and
 touches the cache.
 
 The worker also keeps its memory in check: an RLIMIT_AS ceiling set when it
-starts, and at every test boundary a look at its own memory (RSS growth over
-its start); when the next test would likely take it over budget (by what that
-test needed last run, or else by the largest step a test took here so far)
-it tears down everything it set up, within that test's teardown, and leaves.
+starts, and at every test boundary a look at its own memory (USS, see
+:class:`isolator.memory.Meter`); when the next test would likely take it over
+budget (by what that test needed last run, or else by the largest step a test
+took here so far) it tears down everything it set up, within that test's
+teardown, and leaves.
 
 The worker never returns into pytest: it leaves with ``os._exit`` so that
 nothing the parent set up (session finish hooks, atexit handlers, a
@@ -52,6 +53,7 @@ import pytest
 
 from isolator import leftovers, memory
 from isolator.beacon import Beacon
+from isolator.cgroup import WorkerCgroup
 from isolator.settings import overrides_of
 from isolator.sizes import format_size
 from isolator.wire import Receiver, Sender
@@ -115,13 +117,17 @@ class WorkerPlugin:
         self.live = False
         self.limits = Limits("", None, None, None)
         self.probe: memory.Probe | None = None
+        self.meter: memory.Meter | None = None
         self.base = memory.Sample(0, 0)
         self._test_start = memory.Sample(0, 0)
         self._after_setup = memory.Sample(0, 0)
+        #: Own memory at the test's start, after its setup, at its peak and end; when it ended.
         self._test_stats: tuple[int, int, int, int, float] = (0, 0, 0, 0, 0.0)
-        #: Largest growth one test has caused in this worker, RSS and address space.
-        self._step_rss = 0
+        #: Largest growth one test has caused in this worker, own memory and address space.
+        self._step_own = 0
         self._step_vm = 0
+        #: The running test's growth limit, if it has one.
+        self._growth_limit: int | None = None
         #: Own peak each test of the unit had last run (by node ID), where known.
         self.recorded_peaks: dict[str, int] = {}
         #: Why this worker ends early, once it knows it will.
@@ -132,6 +138,8 @@ class WorkerPlugin:
         self.coverage_file: str | None = None
         #: The garbage collector's counters when the unit started.
         self.gc_at_start: list[dict[str, int]] = []
+        #: The worker's memory cgroup, under the cgroup ceiling (set in the worker).
+        self.cgroup: WorkerCgroup | None = None
         #: Where the parent reads which item this worker began last.
         self.beacon: Beacon | None = None
         #: (CLOCK_BOOTTIME, nodeid) of each test's start: which test a
@@ -151,11 +159,14 @@ class WorkerPlugin:
         self.coverage_file = coverage_data_file()
         self.gc_at_start = gc.get_stats()
         self.probe = memory.Probe()
-        self.base = self.probe.sample()
-        if limits.ceiling_bytes is not None:
+        self.meter = memory.Meter(self.probe)
+        self.base = self.meter.read()
+        if limits.ceiling_bytes is not None and self.cgroup is not None:
+            self.cgroup.set_limit(limits.ceiling_bytes)
+        elif limits.ceiling_bytes is not None:
             memory.limit_malloc_arenas()
             memory.set_ceiling(limits.ceiling_bytes, self.base.vm_bytes)
-        self.sender.send("started", self.base.rss_bytes, time.time())
+        self.sender.send("started", (self.base.rss_bytes, self.base.own_bytes), time.time())
         # Flushed now, so that a worker that dies in its first test still
         # shows in the figures.
         self.sender.flush()
@@ -167,6 +178,7 @@ class WorkerPlugin:
         if not self.live:
             return
         assert self.probe is not None
+        assert self.meter is not None
         if self._timeout_s and self.limits.fault_fd >= 0:
             # faulthandler's watchdog is a C thread: it fires even when the
             # test is stuck in C code that no Python signal handler would
@@ -176,7 +188,7 @@ class WorkerPlugin:
             # arms its own when the protocol starts; ours must be the last.
             faulthandler.dump_traceback_later(self._timeout_s, exit=True, file=self.limits.fault_fd)
         self.probe.reset_peak()
-        self._test_start = self._after_setup = self.probe.sample()
+        self._test_start = self._after_setup = self.meter.read(self._growth_limit)
         self.test_starts.append((time.clock_gettime(time.CLOCK_BOOTTIME), nodeid))
         self.sender.send("logstart", nodeid, location)
 
@@ -230,6 +242,7 @@ class WorkerPlugin:
             return (yield)
         overrides = overrides_of(item)
         self._timeout_s = overrides.timeout_s or self.limits.timeout_s
+        self._growth_limit = overrides.growth_limit_bytes or self.limits.growth_limit_bytes
         try:
             result = yield
         finally:
@@ -249,8 +262,8 @@ class WorkerPlugin:
         try:
             return (yield)
         finally:
-            if self.live and self.probe is not None:
-                self._after_setup = self.probe.sample()
+            if self.live and self.meter is not None:
+                self._after_setup = self.meter.read(self._growth_limit)
 
     # The innermost wrappers of the three phases: an error that leaves a test
     # or a fixture while the worker is at its ceiling still has to pass
@@ -321,30 +334,25 @@ class WorkerPlugin:
                 )
             )
         if self.live and call.when == "teardown":
-            start_rss, after_setup_rss, peak_rss, end_rss, _ = self._test_stats
-            report.user_properties.append((PEAK_PROPERTY, max(peak_rss - start_rss, 0)))
-            report.user_properties.append((GROWTH_PROPERTY, end_rss - after_setup_rss))
+            start, after_setup, peak, end, _ = self._test_stats
+            report.user_properties.append((PEAK_PROPERTY, max(peak - start, 0)))
+            report.user_properties.append((GROWTH_PROPERTY, end - after_setup))
         return report
 
     def _explain_memory_error(self, item: pytest.Item, error: BaseException) -> None:
         ceiling = self.limits.ceiling_bytes
-        if not isinstance(error, MemoryError) or ceiling is None or self.probe is None:
-            return
-        left = max(ceiling - (self.probe.sample().vm_bytes - self.base.vm_bytes), 0)
-        detail = f" ({error.args[0]})" if error.args and error.args[0] else ""
-        error.args = (
-            f"worker {self.limits.label} is limited to {format_size(ceiling)} (RLIMIT_AS) and "
-            f"{item.name} asked for more than the {format_size(left)} left{detail}; raise the "
-            "limit with --worker-mem or @pytest.mark.isolate(mem=...)",
-        )
-        # pytest needs memory to format this failure.
-        self.open_reserve()
+        if ceiling is None or self.probe is None or self.cgroup is not None:
+            return  # no RLIMIT_AS here
+        mapped = self.probe.sample().vm_bytes - self.base.vm_bytes
+        if memory.explain_ceiling_failure(error, self.limits.label, item.name, ceiling, mapped):
+            # pytest needs memory to format this failure.
+            self.open_reserve()
 
     def open_reserve(self) -> bool:
         """Let this worker map a little past its ceiling, to report that it
         hit it; it leaves at the next test boundary. False if there is no
         ceiling, or the reserve was used already."""
-        if self._reserve_opened or self.limits.ceiling_bytes is None:
+        if self._reserve_opened or self.limits.ceiling_bytes is None or self.cgroup is not None:
             return False
         self._reserve_opened = True
         self.recycle_reason = "ceiling hit"
@@ -379,22 +387,34 @@ class WorkerPlugin:
         self, item: pytest.Item, nextitem: pytest.Item | None
     ) -> Generator[None]:
         result = yield
-        if not self.live or self.probe is None:
+        if not self.live or self.meter is None:
             return result
-        end = self.probe.sample()
+        meter = self.meter
         start = self._test_start
         # A test's own growth is counted from the end of its setup: a module
         # or session fixture that setup built once is no test's doing, and
         # counting it would predict it again for every next test.
         after_setup = self._after_setup
+        end = meter.read(self._growth_limit)
+        # The figures are read exactly where a decision could go either way
+        # within how far they may have drifted.
+        if self._growth_limit is not None:
+            retained = end.own_bytes - after_setup.own_bytes
+            end = meter.settle(end, retained - self._growth_limit, after_setup.drift_bytes)
+        budget = self.limits.budget_bytes
+        if budget is not None and nextitem is not None:
+            step = max(self._step_own, end.own_bytes - after_setup.own_bytes)
+            step = self.recorded_peaks.get(nextitem.nodeid, step)
+            end = meter.settle(end, end.own_bytes + step - budget)
+        peak = max(meter.peak_bytes(start, end), after_setup.own_bytes, end.own_bytes)
         self._test_stats = (
-            start.rss_bytes,
-            after_setup.rss_bytes,
-            self.probe.peak_rss_bytes(),
-            end.rss_bytes,
+            start.own_bytes,
+            after_setup.own_bytes,
+            peak,
+            end.own_bytes,
             time.time(),
         )
-        self._step_rss = max(self._step_rss, end.rss_bytes - after_setup.rss_bytes)
+        self._step_own = max(self._step_own, end.own_bytes - after_setup.own_bytes)
         self._step_vm = max(self._step_vm, end.vm_bytes - after_setup.vm_bytes)
         if nextitem is not None and self.recycle_reason is None:
             self.recycle_reason = self._over_budget(end, nextitem)
@@ -416,22 +436,22 @@ class WorkerPlugin:
         """
         recorded = self.recorded_peaks.get(nextitem.nodeid)
         if recorded is None:
-            step_rss, step_vm = self._step_rss, self._step_vm
+            step_own, step_vm = self._step_own, self._step_vm
             why = "for the next test"
         else:
             # Address space grows at least as much as resident memory does.
-            step_rss, step_vm = recorded, max(self._step_vm, recorded)
+            step_own, step_vm = recorded, max(self._step_vm, recorded)
             why = f"that {nextitem.name} needed last run"
         budget = self.limits.budget_bytes
         if budget is not None:
-            own = now.rss_bytes - self.base.rss_bytes
-            if own + step_rss > budget:
+            own = now.own_bytes
+            if own + step_own > budget:
                 return (
-                    f"over budget: {format_size(own)} own memory + {format_size(step_rss)} "
+                    f"over budget: {format_size(own)} own memory + {format_size(step_own)} "
                     f"{why} > {format_size(budget)}"
                 )
         ceiling = self.limits.ceiling_bytes
-        if ceiling is not None:
+        if ceiling is not None and self.cgroup is None:  # RLIMIT_AS, address space
             mapped = now.vm_bytes - self.base.vm_bytes
             if mapped + step_vm > ceiling:
                 return (
@@ -441,17 +461,16 @@ class WorkerPlugin:
         return None
 
     def _check_growth(self, item: pytest.Item, end: memory.Sample) -> None:
-        overrides = overrides_of(item)
-        limit = overrides.growth_limit_bytes or self.limits.growth_limit_bytes
+        limit = self._growth_limit
         if limit is None:
             return
         # Measured from the end of setup: what fixtures of wider scope set up
         # on this test's watch is theirs, not this test's.
-        retained = end.rss_bytes - self._after_setup.rss_bytes
+        retained = end.own_bytes - self._after_setup.own_bytes
         if retained > limit:
             raise LeakError(
                 f"{item.name} retained {format_size(retained)} of memory after its teardown "
-                f"(limit {format_size(limit)}, RSS growth in worker {self.limits.label})"
+                f"(limit {format_size(limit)}, growth of worker {self.limits.label}'s own memory)"
             )
 
 
@@ -543,7 +562,6 @@ def prepare(config: pytest.Config, plugin: WorkerPlugin, sender: Sender) -> None
     """
     _route_report_hooks(config, plugin)
     plugin.sender = sender
-    plugin.parent_modules = frozenset(sys.modules)
     plugin.live = True
 
 

@@ -172,7 +172,7 @@ def test_history_stores_per_test_and_per_module_figures_and_forgets_deleted_file
     isolated.run("module").assert_outcomes(passed=3)
     stored = _stored(pytester)
     assert stored["format"] == 1
-    assert stored["measure"].startswith("RSS growth")
+    assert stored["measure"].startswith("USS")
     peak, growth = stored["tests"]["test_keep.py::test_keeps_30mb"]
     assert 28 * MB <= peak < 40 * MB
     assert 28 * MB <= growth < 40 * MB
