@@ -2,26 +2,41 @@
 
 Each scenario runs its variants in alternation (plain, isolated, plain, ...)
 so that drift in the machine's speed hits all of them alike, and reports the
-median wall time of each. "per test" subtracts the time of ``--collect-only``
+median of each: wall time, and CPU time (user + system of the whole process
+tree, workers included), which a machine busy with other work disturbs far
+less than wall time. "per test" subtracts the time of ``--collect-only``
 (interpreter start, plugin loading, collection: the same with or without
 isolation) to show what running the tests costs.
+
+The big-parent case (a conftest that imports torch and numpy, a ~230 MB
+pytest process) and the comparison with pytest-forked (which needs a pytest
+both support) run in virtualenvs of their own under ``.bench``, made here on
+first use; when one cannot be made, its case says it was skipped, and why.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".bench"
+TORCH = "torch==2.13.0"
+#: The newest pytest that pytest-forked still works with.
+FORKED_PYTEST = "pytest>=8.4,<8.5"
+#: Leaves the controller's memory in small pages: runs as they were before
+#: isolator collapsed it into huge pages.
+SMALL_PAGES = ["-p", "no:isolator-forking"]
 
 
 @dataclass
@@ -29,10 +44,9 @@ class Variant:
     name: str
     args: list[str]
     times: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
     #: Run with pytest's cache (the memory history lives there).
     cache: bool = False
-    #: CPU time (user + system) of the run and every process it waited for.
-    cpu: list[float] = field(default_factory=list)
     #: Extra environment (PYTHONPATH, to run another version of isolator).
     env: dict[str, str] = field(default_factory=dict)
 
@@ -41,75 +55,123 @@ class Variant:
         return statistics.median(self.times)
 
     @property
-    def cpu_median(self) -> float:
-        return statistics.median(self.cpu)
+    def cpu(self) -> float:
+        return statistics.median(self.cpus)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_once(
-    cwd: Path, args: list[str], env: dict[str, str] | None = None, cache: bool = False
+    cwd: Path,
+    args: list[str],
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
+    cache: bool = False,
 ) -> tuple[float, float]:
-    """Wall time and CPU time of one pytest run (the CPU time counts workers
-    too: each is waited for by the process that forked it)."""
+    """Wall time and CPU time of one pytest run (its workers included: each
+    process reaps its children, and getrusage counts what reaped children used)."""
     # Without pytest's cache unless asked: nothing a run writes steers the next.
-    command = [sys.executable, "-m", "pytest", "-q", *([] if cache else ["-p", "no:cacheprovider"])]
-    command += args
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # pytest-randomly (a dev dependency) would shuffle the order and, with
+    # numpy installed, import numpy, faker and more into every run.
+    command = [python, "-m", "pytest", "-q", *([] if cache else ["-p", "no:cacheprovider"])]
+    command += ["-p", "no:randomly", *args]
+    cpu_before = _children_cpu()
     start = time.perf_counter()
     completed = subprocess.run(
-        command,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, **(env or {})},
+        command, cwd=cwd, capture_output=True, text=True, check=False, env=env
     )
     elapsed = time.perf_counter() - start
     if completed.returncode not in (0, 1):
         tail = "\n".join((completed.stdout + completed.stderr).splitlines()[-15:])
         raise SystemExit(f"bench: {' '.join(args)} exited {completed.returncode}\n{tail}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return elapsed, cpu
+    return elapsed, _children_cpu() - cpu_before
 
 
-def measure(cwd: Path, variants: list[Variant], rounds: int) -> None:
+def measure(cwd: Path, variants: list[Variant], rounds: int, python: str = sys.executable) -> None:
     for _ in range(rounds):
         for variant in variants:
-            elapsed, cpu = run_once(cwd, variant.args, variant.env, variant.cache)
-            variant.times.append(elapsed)
-            variant.cpu.append(cpu)
+            env = {**os.environ, **variant.env} if variant.env else None
+            wall, cpu = run_once(cwd, variant.args, python, env, cache=variant.cache)
+            variant.times.append(wall)
+            variant.cpus.append(cpu)
 
 
 def report(title: str, variants: list[Variant], baseline: Variant | None, tests: int) -> None:
     plain = variants[0]
     print(f"\n{title}")
-    if not tests:
-        print(f"  {'variant':<36} {'median':>9} {'vs plain':>9}")
-        for variant in variants:
-            ratio = variant.median / plain.median
-            print(f"  {variant.name:<36} {variant.median:>8.2f}s {ratio:>8.2f}x")
-        return
-    print(
-        f"  {'variant':<36} {'median':>9} {'vs plain':>9} {'per test':>10} {'vs plain':>9}"
-        f" {'CPU/test':>10} {'vs plain':>9}"
-    )
+    header = f"  {'variant':<34} {'wall':>8} {'vs plain':>9} {'CPU':>8} {'vs plain':>9}"
+    if tests and baseline:
+        header += f" {'per test':>10} {'vs plain':>9}"
+    print(header)
     base = baseline.median if baseline else 0.0
-    base_cpu = baseline.cpu_median if baseline else 0.0
-    plain_run = plain.median - base
-    plain_cpu = plain.cpu_median - base_cpu
     for variant in variants:
-        run = variant.median - base
-        cpu = variant.cpu_median - base_cpu
-        print(
-            f"  {variant.name:<36} {variant.median:>8.2f}s {variant.median / plain.median:>8.2f}x"
-            f" {run / tests * 1000:>8.3f}ms {run / plain_run:>8.2f}x"
-            f" {cpu / tests * 1000:>8.3f}ms {cpu / plain_cpu:>8.2f}x"
+        line = (
+            f"  {variant.name:<34} {variant.median:>7.2f}s {variant.median / plain.median:>8.2f}x"
+            f" {variant.cpu:>7.2f}s {variant.cpu / plain.cpu:>8.2f}x"
         )
+        if tests and baseline:
+            run = variant.median - base
+            line += f" {run / tests * 1000:>8.3f}ms {run / (plain.median - base):>8.2f}x"
+        print(line)
     if baseline:
+        print(f"  ({baseline.name}: {baseline.median:.2f}s wall, subtracted for 'per test')")
+
+
+_PER_FORK = ("fork_cpu_s", "fork_s", "parent_cpu", "parent_faults", "reap_s")
+_PER_UNIT = tuple(
+    f"{phase}_{what}" for phase in ("start", "tests", "exit") for what in ("cpu", "faults")
+)
+
+
+def breakdown(cwd: Path, variants: list[Variant], python: str = sys.executable) -> None:
+    """Where a unit's cost goes, from one more run of each isolated variant
+    with the ``bench.unitcost`` plugin (CPU figures are per worker)."""
+    print("  per unit (one more run each; CPU ms, minor page faults):")
+    print(
+        f"    {'variant':<32} {'units':>5} {'fork':>13} {'parent':>14} {'start':>14}"
+        f" {'tests':>14} {'exit':>14} {'reap':>6}"
+    )
+    for variant in variants:
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_UNITCOST": out.name}
+            command = [*variant.args, "-p", "bench.unitcost"]
+            run_once(cwd, command, python, env)
+            data = json.loads(Path(out.name).read_text() or "{}")
+        if not data.get("units"):
+            continue
+        per_fork = {key: float(data[key]) / data["forks"] for key in _PER_FORK}
+        per_unit = {key: float(data[key]) / data["units"] for key in _PER_UNIT}
         print(
-            f"  ({baseline.name}: {baseline.median:.2f}s, {baseline.cpu_median:.2f}s CPU, "
-            "subtracted for 'per test')"
+            f"    {variant.name:<32} {data['units']:>5}"
+            f" {per_fork['fork_cpu_s'] * 1e3:>5.2f} ({per_fork['fork_s'] * 1e3:>5.1f}w)"
+            f" {per_fork['parent_cpu'] * 1e3:>5.2f} {per_fork['parent_faults']:>6.0f}f"
+            + "".join(
+                f" {per_unit[f'{phase}_cpu'] * 1e3:>5.2f} {per_unit[f'{phase}_faults']:>6.0f}f"
+                for phase in ("start", "tests", "exit")
+            )
+            + f" {per_fork['reap_s'] * 1e3:>5.2f}"
         )
+        print(
+            f"    {'':<32} parent RSS {data['parent_rss_first_fork'] / 1e6:.0f} MB at the first "
+            f"fork, {data['parent_rss_end'] / 1e6:.0f} MB at the end; huge pages "
+            f"{data['parent_huge_kb_first_fork'] / 1024:.0f} MB, then "
+            f"{data['parent_huge_kb_end'] / 1024:.0f} MB"
+        )
+        if data.get("left"):
+            left = data["left"]
+            print(
+                f"    {'':<32} exit of the {left} that reached os._exit: Python "
+                f"{data['leave_cpu'] / left * 1e3:.2f} ms, then the kernel "
+                f"{data['teardown_cpu'] / left * 1e3:.2f} ms"
+            )
+    print(
+        "    fork: the parent's CPU in os.fork() (wall in brackets); parent: all its CPU and"
+        " faults\n    per fork; start: a worker's until its first test; tests: over its tests;"
+        " exit: after\n    them, its address space torn down included; reap: wall ms in waitpid"
+    )
 
 
 def trivial_suite(count: int) -> Path:
@@ -139,15 +201,20 @@ def checkout(ref: str) -> dict[str, str]:
 def bench_trivial(rounds: int, count: int, against: list[str]) -> None:
     suite = trivial_suite(count)
     collect = Variant("collect only", ["--collect-only", "-p", "isolator"])
-    variants = [Variant("plain", ["-p", "isolator"])]
-    others = [(ref, checkout(ref)) for ref in against]
-    for mode in ("module", "test"):
-        args = ["-p", "isolator", f"--isolate={mode}"]
-        for ref, env in others:
-            variants.append(Variant(f"--isolate={mode} ({ref})", args, env=env))
-        variants.append(Variant(f"--isolate={mode}", args))
+    variants = [
+        Variant("plain", ["-p", "isolator"]),
+        Variant("--isolate=module", ["-p", "isolator", "--isolate=module"]),
+        Variant("--isolate=test", ["-p", "isolator", "--isolate=test"]),
+    ]
+    # The same variants as of other versions, alternating with these.
+    for ref in against:
+        env = checkout(ref)
+        variants += [
+            Variant(f"{variant.name} ({ref})", variant.args, env=env) for variant in variants[1:3]
+        ]
     measure(suite, [collect, *variants], rounds)
     report(f"{count} trivial tests in one module ({rounds} rounds)", variants, collect, count)
+    breakdown(suite, variants[2:3])
     floor = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "floor.py")],
         cwd=suite,
@@ -199,6 +266,91 @@ def bench_auto(rounds: int, count: int) -> None:
         variants,
         collect,
         per_module * modules + heavy,
+    )
+
+
+def bench_venv(name: str, packages: list[str]) -> tuple[str | None, str]:
+    """A virtualenv under .bench with ``packages`` and this checkout
+    installed: (its python, "") or (None, why it could not be made)."""
+    venv = WORK / name
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    wanted = " ".join(packages)
+    if stamp.exists() and stamp.read_text() == wanted:
+        return str(python), ""
+    print(f"\n(making {venv.relative_to(ROOT)}: {wanted})", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        install = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", *packages, "-e", str(ROOT)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return None, str(exc)
+    if install.returncode != 0:
+        lines = [line for line in install.stderr.splitlines() if line.startswith("ERROR")]
+        return None, (lines or install.stderr.splitlines() or ["pip failed"])[-1]
+    stamp.write_text(wanted)
+    return str(python), ""
+
+
+BIG_CONFTEST = "import numpy\nimport torch\n"
+BIG_MODULE = "import torch\n\n\n" + "".join(
+    f"def test_{i}():\n    assert torch.ones(2).sum().item() == 2\n\n\n" for i in range(5)
+)
+
+
+def big_suite(modules: int) -> Path:
+    suite = WORK / f"big{modules}"
+    suite.mkdir(parents=True, exist_ok=True)
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    (suite / "conftest.py").write_text(BIG_CONFTEST)
+    for index in range(modules):
+        (suite / f"test_m{index:03d}.py").write_text(BIG_MODULE)
+    return suite
+
+
+def bench_big(rounds: int) -> None:
+    title = "a big pytest process: conftest imports torch and numpy; 100 modules of 5 tests"
+    python, why = bench_venv("venv-big", [TORCH, "numpy"])
+    if python is None:
+        print(f"\n{title}: SKIPPED, torch could not be installed ({TORCH}): {why}")
+        return
+    suite = big_suite(100)
+    base = ["-p", "isolator"]
+    small = SMALL_PAGES
+    variants = [
+        Variant("plain", base),
+        Variant("--isolate=module", [*base, "--isolate=module"]),
+        Variant("--isolate=module, small pages", [*base, *small, "--isolate=module"]),
+        Variant("--isolate=test", [*base, "--isolate=test"]),
+        Variant("--isolate=test, small pages", [*base, *small, "--isolate=test"]),
+    ]
+    measure(suite, variants, rounds, python)
+    report(f"{title} ({rounds} rounds)", variants, None, 0)
+    breakdown(suite, variants[1:], python)
+
+
+def bench_forked(rounds: int, count: int) -> None:
+    title = f"{count} trivial tests against pytest-forked, on pytest 8.4 (both support it)"
+    python, why = bench_venv("venv-forked", [FORKED_PYTEST, "pytest-forked"])
+    if python is None:
+        print(f"\n{title}: SKIPPED, pytest-forked could not be installed: {why}")
+        return
+    suite = trivial_suite(count)
+    variants = [
+        Variant("plain", ["-p", "isolator"]),
+        Variant("--isolate=test", ["-p", "isolator", "--isolate=test"]),
+        Variant("pytest-forked --forked", ["-p", "isolator", "--forked"]),
+    ]
+    measure(suite, variants, rounds, python)
+    report(f"{title} ({rounds} rounds)", variants, None, 0)
+    ours, theirs = variants[1], variants[2]
+    print(
+        f"  --isolate=test is {theirs.median / ours.median:.2f}x faster than pytest-forked "
+        f"(wall), {theirs.cpu / ours.cpu:.2f}x (CPU)"
     )
 
 
@@ -262,6 +414,7 @@ def bench_networkx(rounds: int) -> None:
     variants = [
         Variant("plain", args),
         Variant("--isolate=module", [*args, "--isolate=module"]),
+        Variant("--isolate=module, small pages", [*args, *SMALL_PAGES, "--isolate=module"]),
     ]
     measure(cwd, variants, rounds)
     report(f"pytest --pyargs networkx ({rounds} rounds)", variants, None, 0)
@@ -274,11 +427,14 @@ def bench_networkx(rounds: int) -> None:
     report(f"pytest --pyargs networkx -n 2 --dist loadfile ({rounds} rounds)", variants, None, 0)
 
 
+CASES = ("trivial", "auto", "big", "forked", "leaky", "networkx")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tests", type=int, default=2000)
-    parser.add_argument("--only", choices=["trivial", "auto", "leaky", "networkx"], default=None)
+    parser.add_argument("--only", choices=CASES, action="append", default=None)
     parser.add_argument(
         "--against",
         metavar="GIT_REF",
@@ -289,15 +445,22 @@ def main() -> None:
     )
     options = parser.parse_args()
     os.environ.pop("PYTEST_ADDOPTS", None)
+    cases = options.only or CASES
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
-    if options.only in (None, "trivial"):
+    print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if "trivial" in cases:
         bench_trivial(options.rounds, options.tests, options.against)
-    if options.only in (None, "auto"):
+    if "auto" in cases:
         bench_auto(options.rounds, options.tests)
-    if options.only in (None, "leaky"):
+    if "big" in cases:
+        bench_big(max(1, options.rounds * 3 // 5))
+    if "forked" in cases:
+        bench_forked(max(1, options.rounds * 3 // 5), options.tests)
+    if "leaky" in cases:
         bench_leaky()
-    if options.only in (None, "networkx"):
+    if "networkx" in cases:
         bench_networkx(max(1, options.rounds // 3))
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

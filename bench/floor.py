@@ -51,7 +51,8 @@ def main() -> None:
         stdout, sys.stdout = sys.stdout, sink
         try:
             pytest.main(
-                ["-p", "no:cacheprovider", "-p", "no:terminal", *sys.argv[1:]], plugins=[floor]
+                ["-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:terminal", *sys.argv[1:]],
+                plugins=[floor],
             )
         finally:
             sys.stdout = stdout

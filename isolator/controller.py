@@ -24,6 +24,7 @@ import dataclasses
 import faulthandler
 import gc
 import os
+import re
 import secrets
 import signal
 import sys
@@ -34,7 +35,7 @@ from collections.abc import Callable, Iterable
 import pytest
 from pluggy import HookRelay
 
-from isolator import compat, faults, history, leftovers, worker
+from isolator import compat, faults, forking, history, leftovers, worker
 from isolator.beacon import Beacon
 from isolator.cgroup import WAYS_OUT, WorkerCgroup, WorkerCgroups
 from isolator.memory import uss_bytes
@@ -57,6 +58,40 @@ _INTERRUPT_GRACE_S = 5.0
 _ITEM_MESSAGES = frozenset({"logstart", "report", "logfinish", "finished"})
 #: Item messages replayed as pytest's logging hooks.
 _LOG_MESSAGES = frozenset({"logstart", "report", "logfinish"})
+
+
+#: What CPython 3.12+ says, as a DeprecationWarning from ``os.fork()``'s caller, when
+#: the process has other threads (gh-100228); 3.15 raises it under ``-W error``
+#: (gh-135427), after the child exists.
+_FORK_WITH_THREADS = (
+    r"This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to deadlocks"
+)
+
+
+def _allow_fork_with_threads() -> None:
+    """Silence that warning for the worker fork in this module, and nothing else.
+
+    The process that forks has other threads as a rule: an xdist node always
+    has execnet's receiver thread, and plugins keep threads (pytest-rerunfailures'
+    status server runs in every pytest process once xdist is installed). The
+    hazard the warning names is a lock one of them holds at the fork staying
+    locked in the child. The worker takes none of theirs: it never talks to
+    execnet (its reporting hooks reach only the worker plugin), never returns
+    into xdist's loop, and leaves with ``os._exit``; the locks it does need,
+    CPython re-creates after fork (GIL, import lock, threading's) and glibc
+    those of malloc. A single-threaded zygote would not avoid this: it would
+    itself be forked from this process after collection.
+
+    The filter matches only this message from this module, and goes in front
+    of the current filters (pytest's ``-W`` and ``filterwarnings`` of the test
+    being run included) right before each fork. It is never removed here: a
+    save-and-restore (``catch_warnings``) would undo what another thread
+    changed meanwhile; pytest drops it with the test's own filters. A test's
+    own ``os.fork()`` in a worker still warns.
+    """
+    warnings.filterwarnings(
+        "ignore", _FORK_WITH_THREADS, DeprecationWarning, re.escape(__name__) + r"\Z"
+    )
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -498,6 +533,7 @@ class Controller:
         # freezing them keeps the worker's collector from writing to every
         # one of them (which would copy the pages) (bpo-31558).
         gc.freeze()
+        self.plugin.parent_modules = forking.module_names()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         if self._forks is None:
@@ -520,6 +556,7 @@ class Controller:
             fds.append(fault_fd)
             beacon = Beacon()
             cgroup = self.cgroups.for_worker(label) if self.cgroups is not None else None
+            _allow_fork_with_threads()
             pid = os.fork()
             if pid == 0:
                 os.close(go_write)

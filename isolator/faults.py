@@ -8,6 +8,8 @@ import re
 import signal
 from typing import Literal
 
+import _pytest
+import pluggy
 import pytest
 
 Phase = Literal["setup", "call", "teardown"]
@@ -97,7 +99,15 @@ def killed_by(wait_status: int | None) -> int | None:
     return None
 
 
-_RUNNER_FRAMES = ("/_pytest/", "/pluggy/", "/isolator/")
+#: How faulthandler starts a frame of pytest's machinery: a file in pytest's,
+#: pluggy's or isolator's own package directory. (A test whose path merely
+#: contains ``/isolator/``, such as a Python installed under /var/cache/isolator,
+#: is the user's.)
+_RUNNER_FRAMES = tuple(
+    f'File "{os.path.dirname(path)}{os.sep}'
+    for path in (_pytest.__file__, pluggy.__file__, __file__)
+    if path is not None
+)
 
 
 def trim_fault_stacks(text: str) -> str:
@@ -110,7 +120,7 @@ def trim_fault_stacks(text: str) -> str:
         if stripped.startswith("File "):
             if in_runner:
                 continue
-            if any(part in stripped for part in _RUNNER_FRAMES):
+            if stripped.startswith(_RUNNER_FRAMES):
                 in_runner = True
                 kept.append("  ...")
                 continue

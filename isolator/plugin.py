@@ -16,6 +16,7 @@ import pytest
 
 from isolator.cgroup import CgroupError, WorkerCgroups
 from isolator.controller import Controller
+from isolator.forking import ForkPrep
 from isolator.memory import MemoryMonitor
 from isolator.settings import add_options, load_settings
 from isolator.worker import WorkerPlugin
@@ -77,6 +78,7 @@ def pytest_configure(config: pytest.Config) -> None:
     controller = Controller(config, settings, plugin, cgroups)
     config.stash[controller_key] = controller
     config.pluginmanager.register(controller, "isolator-controller")
+    config.pluginmanager.register(ForkPrep(settings.mode), "isolator-forking")
     # SIGTERM ends the run the way Ctrl-C does, so that workers are stopped
     # and what finished is reported; left alone if someone else handles it.
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:

@@ -123,6 +123,7 @@ def add_options(parser: pytest.Parser) -> None:
         help="Show what each worker's garbage collector did (collections, collected, "
         "uncollectable per generation).",
     )
+    _refuse_clashes(parser, group)
     parser.addini("isolate", "Default for --isolate.", default="off")
     parser.addini("isolate_sample_interval", "Default for --isolate-sample-interval.", default="")
     parser.addini("mem_growth_limit", "Default for --mem-growth-limit.", default="")
@@ -161,6 +162,25 @@ def add_options(parser: pytest.Parser) -> None:
         type="args",
         default=[],
     )
+
+
+def _refuse_clashes(parser: pytest.Parser, ours: object) -> None:
+    """Raise if another plugin already added one of our option names.
+
+    pytest 9 refuses the clash itself as the option is added; pytest 8 only
+    once it builds its argparse parser, with a traceback instead of the
+    plugin's one-line error. pytest's parser keeps no public list of options,
+    so its groups are read defensively: if that changes, the check finds
+    nothing and pytest's own check is what remains."""
+    groups = [*getattr(parser, "_groups", ()), getattr(parser, "_anonymous", None)]
+
+    def names(group: object) -> set[str]:
+        return {name for option in getattr(group, "options", ()) for name in option.names()}
+
+    others = set().union(*(names(group) for group in groups if group is not ours))
+    clash = sorted(names(ours) & others)
+    if clash:
+        raise ValueError(f"argument {clash[0]}: conflicting option string: {', '.join(clash)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,9 @@ REPORT_HOOKS = (
     "pytest_warning_recorded",
 )
 
+#: What an error needs, at most, to leave a test through pytest's own code.
+_HEADROOM_BYTES = 1 << 20
+
 #: Built-in plugins that read reports to decide whether the run goes on.
 _STEERING_PLUGINS = ("session", "stepwiseplugin")
 
@@ -184,8 +187,7 @@ class WorkerPlugin:
             # faulthandler keeps one timer and pytest's faulthandler_timeout
             # arms its own when the protocol starts; ours must be the last.
             faulthandler.dump_traceback_later(self._timeout_s, exit=True, file=self.limits.fault_fd)
-        self.probe.reset_peak()
-        self._test_start = self._after_setup = self.meter.read(self._growth_limit)
+        self._test_start = self._after_setup = self.meter.start_test(self._growth_limit)
         self.test_starts.append((time.clock_gettime(time.CLOCK_BOOTTIME), nodeid))
         self.sender.send("logstart", nodeid, location)
 
@@ -261,6 +263,40 @@ class WorkerPlugin:
         finally:
             if self.live and self.meter is not None:
                 self._after_setup = self.meter.read(self._growth_limit)
+
+    # The innermost wrappers of the three phases: an error that leaves a test
+    # or a fixture while the worker is at its ceiling still has to pass
+    # through pytest's own context managers (capture, logging) before any
+    # report is built, and on some pytest and Python versions that takes
+    # memory (pytest before 9.2 on Python 3.13): the reserve opens here when
+    # not even a megabyte is left. (pytest registers only methods named
+    # pytest_*, hence the names; specname says which hook each one is.)
+    @pytest.hookimpl(wrapper=True, trylast=True, specname="pytest_runtest_setup")
+    def pytest_runtest_setup_headroom(self, item: pytest.Item) -> Generator[None]:
+        return (yield from self._with_headroom())
+
+    @pytest.hookimpl(wrapper=True, trylast=True, specname="pytest_runtest_call")
+    def pytest_runtest_call_headroom(self, item: pytest.Item) -> Generator[None]:
+        return (yield from self._with_headroom())
+
+    @pytest.hookimpl(wrapper=True, trylast=True, specname="pytest_runtest_teardown")
+    def pytest_runtest_teardown_headroom(self, item: pytest.Item) -> Generator[None]:
+        return (yield from self._with_headroom())
+
+    def _with_headroom(self) -> Generator[None]:
+        try:
+            return (yield)
+        except BaseException:
+            self._reserve_if_exhausted()
+            raise
+
+    def _reserve_if_exhausted(self) -> None:
+        if not self.live or self._reserve_opened or self.limits.ceiling_bytes is None:
+            return
+        try:
+            bytearray(_HEADROOM_BYTES)
+        except MemoryError:
+            self.open_reserve()
 
     # The outermost wrapper: a report that cannot be built is caught here,
     # whichever plugin's part of the building failed.
@@ -525,7 +561,6 @@ def prepare(config: pytest.Config, plugin: WorkerPlugin, sender: Sender) -> None
     """
     _route_report_hooks(config, plugin)
     plugin.sender = sender
-    plugin.parent_modules = frozenset(sys.modules)
     plugin.live = True
 
 

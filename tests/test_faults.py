@@ -63,6 +63,31 @@ def test_each_crash_fails_its_test_with_the_cause_and_the_rest_run(
     assert cases == 6
 
 
+def test_crash_stack_keeps_the_tests_frames_wherever_the_project_lives(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    """Only pytest's, pluggy's and isolator's own frames are cut from the stack,
+    not every file whose path has one of those names in it (a checkout called
+    isolator, a Python installed under /var/cache/isolator)."""
+    # Not at the top level, where the directory would shadow the plugin's import.
+    project = pytester.mkdir("checkouts") / "isolator"
+    project.mkdir()
+    (project / "test_deep.py").write_text(
+        "import ctypes\n\ndef helper():\n    ctypes.string_at(0)\n\n"
+        "def test_segfault():\n    helper()\n"
+    )
+    result = isolated.run("module", "checkouts")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*File*isolator/test_deep.py*, line 4 in helper",
+            "*File*isolator/test_deep.py*, line 7 in test_segfault",
+            "  ...",
+        ]
+    )
+    assert "_pytest" not in result.stdout.str()
+
+
 def test_worker_that_dies_ahead_of_the_replay_loses_nothing(
     pytester: pytest.Pytester, isolated: IsolatedRunner
 ) -> None:

@@ -72,6 +72,12 @@ HOG = """
         kept = hoard()
         raise ValueError(f"setup gave up after {len(kept)} pieces")
 
+    @pytest.fixture
+    def exhausted_at_teardown():
+        yield
+        kept = hoard()
+        raise ValueError(f"teardown gave up after {len(kept)} pieces")
+
     def test_before():
         pass
 
@@ -80,6 +86,9 @@ HOG = """
         assert len(kept) == -1
 
     def test_exhausts_in_setup(exhausted):
+        pass
+
+    def test_exhausts_in_teardown(exhausted_at_teardown):
         pass
 
     def test_after():
@@ -95,13 +104,17 @@ def test_memory_error_while_pytest_builds_the_report_fails_only_that_test(
     xml = pytester.path / "out.xml"
     result = run(isolated, mode, "--worker-mem=96MB", f"--junitxml={xml}")
     no_internal_error(result)
-    result.assert_outcomes(passed=3, failed=1, errors=1)
+    result.assert_outcomes(passed=4, failed=1, errors=2)
     # Each reports its own failure, not a worker that died.
     result.stdout.fnmatch_lines_random(
-        ["E       assert * == -1", "E       ValueError: setup gave up after * pieces"]
+        [
+            "E       assert * == -1",
+            "E       ValueError: setup gave up after * pieces",
+            "E       ValueError: teardown gave up after * pieces",
+        ]
     )
     assert "while running" not in result.stdout.str()
-    assert count_testcases(xml) == 5
+    assert count_testcases(xml) == 6
 
 
 UNPICKLABLE_CONFTEST = """

@@ -1,0 +1,192 @@
+"""Forking a big pytest process: its memory is collapsed into huge pages
+before the first worker is forked, a worker's write to a shared huge page
+costs it 4 KB and not 2 MB, and a machine without huge pages says so."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import IsolatedRunner
+from isolator import forking
+
+MB = 1024 * 1024
+
+#: A pytest process holding 96 MB more than usual, all of it resident, in
+#: one anonymous mapping (glibc gives an allocation this large its own).
+BIG_CONFTEST = """
+    DATA = bytearray(b"\\x01") * ({mb} * 1024 * 1024)
+"""
+
+#: The first test measures its own worker: huge pages at its start, then
+#: its private memory before and after one write in each of 40 extents.
+MEASURES = """
+    import json, os
+    import pytest
+    from conftest import DATA
+
+    EXTENTS = 40
+
+    def rollup():
+        with open("/proc/self/smaps_rollup") as f:
+            return {
+                line.split(":")[0]: int(line.split()[1]) * 1024
+                for line in f
+                if line.rstrip().endswith("kB")
+            }
+
+    @pytest.mark.parametrize("n", range(50))
+    def test_writes(n):
+        if n:
+            return
+        before = rollup()
+        for extent in range(EXTENTS):
+            DATA[extent * 2 * 1024 * 1024 + 4096 + 17] = 2
+        after = rollup()
+        with open(os.environ["FIGURES"], "w") as f:
+            json.dump({
+                "huge_at_start": before["AnonHugePages"],
+                "huge_after": after["AnonHugePages"],
+                "private_dirty_growth": after["Private_Dirty"] - before["Private_Dirty"],
+            }, f)
+"""
+
+
+def _skip_without_huge_pages() -> None:
+    reason = forking.huge_pages_unavailable()
+    if reason is not None:
+        pytest.skip(f"huge pages are not to be had here: {reason}")
+
+
+def test_workers_start_from_huge_pages_and_a_write_copies_4kb(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _skip_without_huge_pages()
+    pytester.makeconftest(BIG_CONFTEST.format(mb=96))
+    pytester.makepyfile(test_measures=MEASURES)
+    figures_path = pytester.path / "figures.json"
+    monkeypatch.setenv("FIGURES", str(figures_path))
+    isolated.run("test").assert_outcomes(passed=50)
+    figures = json.loads(figures_path.read_text())
+    # The worker inherited the parent's 96 MB of data as huge pages (the
+    # THP setting here is "madvise", so nothing else would have made them).
+    assert figures["huge_at_start"] >= 64 * MB, figures
+    # Each write split one huge page in the worker ...
+    assert figures["huge_at_start"] - figures["huge_after"] >= 30 * 2 * MB, figures
+    # ... and made the worker 4 KB its own, not 2 MB: 40 writes, 160 KB,
+    # plus what Python itself writes meanwhile (80 MB if whole pages were copied).
+    assert figures["private_dirty_growth"] < 2 * MB, figures
+
+
+def test_a_small_run_is_not_collapsed(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below MIN_FORKS workers the collapse would cost more than it saves."""
+    _skip_without_huge_pages()
+    pytester.makeconftest(BIG_CONFTEST.format(mb=96))
+    pytester.makepyfile(test_measures=MEASURES.replace("range(50)", "range(3)"))
+    figures_path = pytester.path / "figures.json"
+    monkeypatch.setenv("FIGURES", str(figures_path))
+    isolated.run("test").assert_outcomes(passed=3)
+    assert json.loads(figures_path.read_text())["huge_at_start"] == 0
+
+
+#: Runs pytest with transparent huge pages disabled for it, as a machine
+#: or container without them would.
+WITHOUT_THP = """
+import ctypes, os, sys
+PR_SET_THP_DISABLE = 41
+ctypes.CDLL(None).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+os.execv(sys.executable, [sys.executable, "-m", "pytest", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.parametrize(("mb", "says_so"), [(160, True), (8, False)])
+def test_no_huge_pages_is_one_line_at_start_up_for_a_big_process(
+    pytester: pytest.Pytester, mb: int, says_so: bool
+) -> None:
+    _skip_without_huge_pages()
+    pytester.makeconftest(BIG_CONFTEST.format(mb=mb))
+    pytester.makepyfile(test_x="def test_x(): pass\n")
+    result = pytester.run(
+        sys.executable,
+        "-c",
+        WITHOUT_THP,
+        "-p",
+        "isolator",
+        "--isolate=module",
+        "-p",
+        "no:cacheprovider",
+    )
+    result.assert_outcomes(passed=1)
+    line = (
+        "isolator: workers are forked without huge pages, so each costs more CPU "
+        "(README: Cost): the kernel refuses MADV_COLLAPSE*"
+    )
+    if says_so:
+        result.stdout.fnmatch_lines([line])
+        assert sum("without huge pages" in out for out in result.outlines) == 1
+    else:
+        result.stdout.no_fnmatch_line(line)
+    # The same big process with huge pages says nothing.
+    if says_so:
+        plain = pytester.runpytest("-p", "isolator", "--isolate=module")
+        plain.assert_outcomes(passed=1)
+        plain.stdout.no_fnmatch_line("*without huge pages*")
+
+
+#: Maps 80 MB, touches 19 pages in 20 of its first half and every other page
+#: of its second half, collapses, and reports what became huge and how much
+#: the process grew.
+PARTLY_RESIDENT = """
+import json, mmap, sys
+from isolator import forking
+
+def smaps_of(address):
+    found = False
+    figures = {}
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split()[0] and ":" not in line.split()[0]:
+                low, high = (int(x, 16) for x in line.split()[0].split("-"))
+                found = low <= address < high
+            elif found and line.rstrip().endswith("kB"):
+                figures[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return figures
+
+size = 80 * 1024 * 1024
+area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+for page in range(0, size // 2, 4096):
+    if page // 4096 % 20:
+        area[page] = 1
+for page in range(size // 2, size, 8192):
+    area[page] = 1
+import ctypes
+view = ctypes.c_char.from_buffer(area)
+address = ctypes.addressof(view)
+del view
+before = smaps_of(address)
+collapse = forking.collapse_anonymous_memory()
+after = smaps_of(address)
+json.dump({
+    "huge": after["AnonHugePages"],
+    "growth": after["Rss"] - before["Rss"],
+    "collapsed": collapse.collapsed_bytes,
+}, sys.stdout)
+"""
+
+
+def test_only_nearly_whole_extents_are_collapsed_so_the_process_hardly_grows(
+    pytester: pytest.Pytester,
+) -> None:
+    _skip_without_huge_pages()
+    result = pytester.run(sys.executable, "-c", PARTLY_RESIDENT)
+    assert result.ret == 0, result.stderr.str()
+    figures = json.loads(result.stdout.str())
+    # The first half (95% resident) is collapsed, less an extent at each end
+    # of the mapping that is not 2 MB aligned; the second half (50%) is not.
+    assert 36 * MB <= figures["huge"] <= 40 * MB, figures
+    # Filling the holes of what was collapsed: 5% of it.
+    assert figures["growth"] <= figures["huge"] // 20 + 64 * 1024, figures
