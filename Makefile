@@ -51,8 +51,8 @@ lint: $(STAMP) ## ruff and mypy
 demo: $(STAMP) ## Run the bundled example suite plain and isolated, side by side
 	$(PY) examples/demo.py
 
-bench: $(STAMP) ## Wall and CPU ratios vs plain pytest, per-worker costs (torch, pytest-forked in .bench venvs); BENCH_ARGS="--against main" compares
-	$(PY) bench/bench.py $(BENCH_ARGS)
+bench: $(STAMP) ## Wall and CPU ratios vs plain pytest, per-worker costs (torch, pytest-forked in .bench venvs)
+	$(PY) bench/bench.py
 
 conformance: $(STAMP) ## Same verdict for every test of networkx and toolz, isolated or not
 	$(PY) bench/conformance.py --xdist

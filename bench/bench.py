@@ -47,8 +47,6 @@ class Variant:
     cpus: list[float] = field(default_factory=list)
     #: Run with pytest's cache (the memory history lives there).
     cache: bool = False
-    #: Extra environment (PYTHONPATH, to run another version of isolator).
-    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def median(self) -> float:
@@ -93,8 +91,7 @@ def run_once(
 def measure(cwd: Path, variants: list[Variant], rounds: int, python: str = sys.executable) -> None:
     for _ in range(rounds):
         for variant in variants:
-            env = {**os.environ, **variant.env} if variant.env else None
-            wall, cpu = run_once(cwd, variant.args, python, env, cache=variant.cache)
+            wall, cpu = run_once(cwd, variant.args, python, cache=variant.cache)
             variant.times.append(wall)
             variant.cpus.append(cpu)
 
@@ -184,21 +181,7 @@ def trivial_suite(count: int) -> Path:
     return suite
 
 
-def checkout(ref: str) -> dict[str, str]:
-    """The environment that runs isolator as of git ``ref`` (exported, not checked out)."""
-    tree = WORK / f"ref-{ref.replace('/', '-')}"
-    if tree.exists():
-        shutil.rmtree(tree)
-    tree.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "archive", ref, "isolator"], cwd=ROOT, capture_output=True, check=True
-    )
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
-    # PYTHONPATH comes before the editable install's finder.
-    return {"PYTHONPATH": str(tree)}
-
-
-def bench_trivial(rounds: int, count: int, against: list[str]) -> None:
+def bench_trivial(rounds: int, count: int) -> None:
     suite = trivial_suite(count)
     collect = Variant("collect only", ["--collect-only", "-p", "isolator"])
     variants = [
@@ -206,15 +189,9 @@ def bench_trivial(rounds: int, count: int, against: list[str]) -> None:
         Variant("--isolate=module", ["-p", "isolator", "--isolate=module"]),
         Variant("--isolate=test", ["-p", "isolator", "--isolate=test"]),
     ]
-    # The same variants as of other versions, alternating with these.
-    for ref in against:
-        env = checkout(ref)
-        variants += [
-            Variant(f"{variant.name} ({ref})", variant.args, env=env) for variant in variants[1:3]
-        ]
     measure(suite, [collect, *variants], rounds)
     report(f"{count} trivial tests in one module ({rounds} rounds)", variants, collect, count)
-    breakdown(suite, variants[2:3])
+    breakdown(suite, variants[2:])
     floor = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "floor.py")],
         cwd=suite,
@@ -435,21 +412,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tests", type=int, default=2000)
     parser.add_argument("--only", choices=CASES, action="append", default=None)
-    parser.add_argument(
-        "--against",
-        metavar="GIT_REF",
-        action="append",
-        default=[],
-        help="also time the isolated variants of the trivial suite as of this git ref (main, "
-        "say), alternating; may be given more than once",
-    )
     options = parser.parse_args()
     os.environ.pop("PYTEST_ADDOPTS", None)
     cases = options.only or CASES
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
     print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if "trivial" in cases:
-        bench_trivial(options.rounds, options.tests, options.against)
+        bench_trivial(options.rounds, options.tests)
     if "auto" in cases:
         bench_auto(options.rounds, options.tests)
     if "big" in cases:
