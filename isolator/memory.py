@@ -136,21 +136,25 @@ class Meter:
     """A worker's own memory (USS) at its test boundaries, at the price of RSS.
 
     Between two USS readings, every page the worker makes its own costs it a
-    page fault: a fresh page for an allocation, or a copy of a page it shared.
-    So the figure is carried forward as the last reading, plus a page per
-    fault, less what RSS dropped (pages freed); when RSS grew by more than the
-    faults account for (huge pages, fault-around), by the RSS growth. That
-    overcounts memory allocated and freed again, and undercounts shared pages
-    unmapped and pages others stopped sharing by writing their own copies;
-    all but the last are bounded by the faults and the RSS change since the
-    reading, the *drift*.
+    page fault: a fresh page for an allocation, or a copy of a page it
+    shared. Fresh pages also raise RSS, copies do not. So the figure is
+    carried forward from a *base* (the last reading, or the start of the
+    running test, where the kernel's RSS high-water mark was reset) by the
+    change of RSS, plus the faults that no rise of RSS over the base
+    accounts for (the copies): memory allocated and freed again within a
+    test raised the high-water mark as much as it faulted, and is not
+    counted as kept. What this still gets wrong (memory freed and allocated
+    again several times within a test, counted once per time; shared pages
+    unmapped, counted as freed) is bounded by the faults and the RSS changes
+    since the last reading, the *drift*; pages others stop sharing by writing
+    their own copies are not seen at all until the next reading.
 
     USS is read again when the drift passes a 64th of RSS (1 MB at least)
     and readings so far leave room (they take at most 5% of the worker's
-    CPU time), when none was taken for a hundred times what one costs (1%), and
-    when the drift passes a tenth of the growth limit in force (the leak
+    CPU time), when none was taken for a hundred times what one costs (1%),
+    and when the drift passes a tenth of the growth limit in force (the leak
     guard decides on it). Callers ask for a reading themselves when a
-    decision is within the drift (:meth:`read_exactly`).
+    decision is within the drift (:meth:`settle`).
 
     The worker starts with the pages it faulted in since the fork: a fresh
     fork shares every page with its parent, so it owned nothing then.
@@ -160,11 +164,13 @@ class Meter:
         self.probe = probe
         # Opened at the first reading: most workers of --isolate=test never take one.
         self._smaps_rollup = -1
+        # A fork inherits its parent's high-water mark.
+        probe.reset_peak()
         now = probe.sample()
-        self._anchor = now._replace(own_bytes=now.faults * _PAGE)
+        self._base = now._replace(own_bytes=now.faults * _PAGE)
         #: What the last call returned: the answer when there is no memory
         #: left to measure with (a worker at its ceiling).
-        self._last = self._anchor
+        self._last = self._base
         # Shares of the worker's time are shares of its CPU time: on a loaded
         # machine wall time passes without the worker doing anything. (Not
         # getrusage's: it moves in scheduler ticks, milliseconds apart.)
@@ -173,19 +179,23 @@ class Meter:
         #: USS readings taken (for the tests of this class, and curiosity).
         self.readings = 0
 
+    def start_test(self, growth_limit_bytes: int | None = None) -> Sample:
+        """At a test's start: a new window for the RSS high-water mark (the
+        test's peak), and the base its figures are carried forward from."""
+        self.probe.reset_peak()
+        self._base = self.read(growth_limit_bytes)
+        return self._base
+
     def read(self, growth_limit_bytes: int | None = None) -> Sample:
-        """Own memory now: the last reading carried forward, or a new one when due."""
+        """Own memory now: carried forward from the base, or read when due."""
         with contextlib.suppress(MemoryError):
             self._last = self._read(growth_limit_bytes)
         return self._last
 
     def _read(self, growth_limit_bytes: int | None) -> Sample:
         # On every test boundary, three times per test: kept to a few µs.
-        now = self.probe.sample()
-        anchor = self._anchor
-        rss_change = now.rss_bytes - anchor.rss_bytes
-        faulted = (now.faults - anchor.faults) * _PAGE
-        drift = faulted + abs(rss_change)
+        now = self._carried(self.probe.sample())
+        drift = now.drift_bytes
         age_s = time.process_time() - self._read_at
         if (
             (
@@ -196,11 +206,16 @@ class Meter:
             or (growth_limit_bytes is not None and drift > growth_limit_bytes // 10)
         ):
             return self._read_exactly()
-        return self._carried(now, rss_change, faulted, drift)
+        return now
 
-    def _carried(self, now: Sample, rss_change: int, faulted: int, drift: int) -> Sample:
-        """``now`` with the last reading carried forward to it."""
-        own = self._anchor.own_bytes + max(rss_change, faulted + min(rss_change, 0))
+    def _carried(self, now: Sample) -> Sample:
+        """``now`` with the figure at the base carried forward to it."""
+        base = self._base
+        rss_change = now.rss_bytes - base.rss_bytes
+        faulted = (now.faults - base.faults) * _PAGE
+        fresh = max(now.peak_rss_bytes - base.rss_bytes, rss_change, 0)
+        own = base.own_bytes + rss_change + max(faulted - fresh, 0)
+        drift = base.drift_bytes + faulted + abs(rss_change)
         return Sample(now[0], now[1], now[2], now[3], max(own, 0), drift)
 
     def read_exactly(self) -> Sample:
@@ -220,14 +235,12 @@ class Meter:
         now = self.probe.sample()
         finished = time.process_time()
         if uss is None:  # smaps_rollup unreadable: carry on with what we have
-            rss_change = now.rss_bytes - self._anchor.rss_bytes
-            faulted = (now.faults - self._anchor.faults) * _PAGE
-            return self._carried(now, rss_change, faulted, faulted + abs(rss_change))
+            return self._carried(now)
         self._read_cost_s = finished - started
         self._read_at = finished
-        self._anchor = now._replace(own_bytes=uss)
+        self._base = now._replace(own_bytes=uss)
         self.readings += 1
-        return self._anchor
+        return self._base
 
     def settle(self, now: Sample, margin_bytes: int, other_drift_bytes: int = 0) -> Sample:
         """``now``, or an exact reading if a decision ``margin_bytes`` away from

@@ -187,8 +187,7 @@ class WorkerPlugin:
             # faulthandler keeps one timer and pytest's faulthandler_timeout
             # arms its own when the protocol starts; ours must be the last.
             faulthandler.dump_traceback_later(self._timeout_s, exit=True, file=self.limits.fault_fd)
-        self.probe.reset_peak()
-        self._test_start = self._after_setup = self.meter.read(self._growth_limit)
+        self._test_start = self._after_setup = self.meter.start_test(self._growth_limit)
         self.test_starts.append((time.clock_gettime(time.CLOCK_BOOTTIME), nodeid))
         self.sender.send("logstart", nodeid, location)
 
