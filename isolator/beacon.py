@@ -6,13 +6,16 @@ writes them in batches, so the one that says a test began may still sit in
 the worker's buffer when the worker dies, and a test may close the pipe.
 Writing the page costs no system call.
 
-Used in both processes: created by the controller before the fork, written
-by the worker, read by the controller.
+Used in both processes: created by the controller, handed to the worker (by
+the zygote, which forks it) as a memfd, written by the worker, read by the
+controller.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
+import os
 import struct
 
 # Position + 1 in session.items of the item whose protocol began last (0:
@@ -22,10 +25,30 @@ _LOST_PIPE = 1
 
 
 class Beacon:
-    def __init__(self) -> None:
-        # An anonymous mapping made with fileno -1 is MAP_SHARED: the forked
-        # worker writes the very page the parent reads.
-        self._page = mmap.mmap(-1, mmap.PAGESIZE)
+    def __init__(self, fd: int | None = None) -> None:
+        """A new beacon, or (in the worker) the one whose memfd is ``fd``."""
+        if fd is None:
+            fd = os.memfd_create("isolator-beacon", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, mmap.PAGESIZE)
+            except BaseException:
+                os.close(fd)
+                raise
+        #: The memfd, to hand to the worker; closed once it has it.
+        self.fd = fd
+        # MAP_SHARED: the worker writes the very page this process reads.
+        try:
+            self._page = mmap.mmap(fd, mmap.PAGESIZE)
+        except BaseException:
+            self.release_fd()
+            raise
+
+    def release_fd(self) -> None:
+        """Close the memfd (the mapping stays)."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
 
     def began(self, position: int) -> None:
         """The worker starts the item at ``position`` in ``session.items``."""
@@ -51,4 +74,5 @@ class Beacon:
         return bool(self._flags() & _LOST_PIPE)
 
     def close(self) -> None:
+        self.release_fd()
         self._page.close()

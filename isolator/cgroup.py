@@ -359,6 +359,9 @@ class WorkerCgroups:
     def __init__(self, hierarchy: Hierarchy, home: Path) -> None:
         self.hierarchy = hierarchy
         self.home = home
+        #: The controller's PID, which names its workers' cgroups (also when
+        #: a worker, forked by the zygote, names its own).
+        self._pid = os.getpid()
         #: (own cgroup, leaf) when this process moved itself (cgroup v2).
         self._moved: tuple[Path, Path] | None = None
         #: Worker cgroups that could not be removed yet.
@@ -460,7 +463,7 @@ class WorkerCgroups:
                         entry.rmdir()
 
     def for_worker(self, label: str) -> WorkerCgroup:
-        path = self.home / f"isolator-{os.getpid()}-{label}"
+        path = self.home / f"isolator-{self._pid}-{label}"
         return WorkerCgroup(self.hierarchy, path, self.leftovers)
 
     def close(self) -> list[str]:

@@ -9,6 +9,8 @@ worker when its unit is done or when it dies. A worker that dies leaves a
 failed report for the test it was running; the rest of its unit goes on in a
 fresh worker.
 
+Workers are forked by the zygote, a copy of this process made once (see
+``zygote``), so that this process's pages are not shared with every worker.
 Forking is taken off the critical path: while one worker runs, the next one
 is already forked (a *standby*) and waits on a pipe for the word to start, so
 the page-table copy and the worker's own start-up happen on the other core.
@@ -31,13 +33,14 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 import pytest
 from pluggy import HookRelay
 
-from isolator import compat, faults, forking, history, leftovers, worker
+from isolator import compat, faults, forking, history, leftovers, worker, zygote
 from isolator.beacon import Beacon
-from isolator.cgroup import WAYS_OUT, WorkerCgroup, WorkerCgroups
+from isolator.cgroup import WAYS_OUT, WorkerCgroups
 from isolator.memory import uss_bytes
 from isolator.process import WorkerProcess
 from isolator.schedule import Schedule
@@ -45,6 +48,7 @@ from isolator.settings import Settings, overrides_key, read_marker
 from isolator.sizes import format_size
 from isolator.stats import RunMemory
 from isolator.wire import Message, Sender
+from isolator.zygote import Zygote, ZygoteGone
 
 _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -69,7 +73,7 @@ _FORK_WITH_THREADS = (
 
 
 def _allow_fork_with_threads() -> None:
-    """Silence that warning for the worker fork in this module, and nothing else.
+    """Silence that warning for the forks in ``zygote``, and nothing else.
 
     The process that forks has other threads as a rule: an xdist node always
     has execnet's receiver thread, and plugins keep threads (pytest-rerunfailures'
@@ -79,8 +83,9 @@ def _allow_fork_with_threads() -> None:
     execnet (its reporting hooks reach only the worker plugin), never returns
     into xdist's loop, and leaves with ``os._exit``; the locks it does need,
     CPython re-creates after fork (GIL, import lock, threading's) and glibc
-    those of malloc. A single-threaded zygote would not avoid this: it would
-    itself be forked from this process after collection.
+    those of malloc. The zygote is single-threaded as a rule, but it is itself
+    forked from this process, and a fork hook (``os.register_at_fork``) may
+    start a thread in it.
 
     The filter matches only this message from this module, and goes in front
     of the current filters (pytest's ``-W`` and ``filterwarnings`` of the test
@@ -90,7 +95,7 @@ def _allow_fork_with_threads() -> None:
     own ``os.fork()`` in a worker still warns.
     """
     warnings.filterwarnings(
-        "ignore", _FORK_WITH_THREADS, DeprecationWarning, re.escape(__name__) + r"\Z"
+        "ignore", _FORK_WITH_THREADS, DeprecationWarning, re.escape(zygote.__name__) + r"\Z"
     )
 
 
@@ -152,8 +157,14 @@ class Controller:
         #: Workers in a row that died before they started a test.
         self._stillborn = 0
         self._spawned = 0
-        self._parent_pid = os.getpid()
         self._prctl = _load_prctl()
+        #: What forks the workers (started with the first one).
+        self._zygote: Zygote | None = None
+        #: In the zygote and its workers: the zygote's PID.
+        self._zygote_pid = -1
+        #: The signal mask workers start with (this process's, before the
+        #: zygote blocked the stop signals for good).
+        self._worker_sigmask: set[int] = set()
 
     # -- hooks -----------------------------------------------------------
 
@@ -363,6 +374,9 @@ class Controller:
             if not proc.exited:
                 proc._reap()
         self.ending.clear()
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
         if self._forks is not None:
             self._end_orphans(None)
             self._forks.close()
@@ -385,6 +399,8 @@ class Controller:
         def find() -> list[int]:
             workers = {p.pid for p in (self.current, self.parked, self.standby) if p is not None}
             workers.update(p.pid for p in self.ending)
+            if self._zygote is not None:
+                workers.add(self._zygote.pid)
             roots = [
                 pid
                 for pid in leftovers.children()
@@ -446,7 +462,7 @@ class Controller:
                     self._retire(proc)
                 proc = self._spawn()
             plan = self.schedule.plan_for(item, nextitem)
-            orders = self.schedule.orders_for(plan, proc.label, proc.fault_fd, testsfailed)
+            orders = self.schedule.orders_for(plan, proc.label, testsfailed)
             self.schedule.admit(plan, orders)
             self.memory.worker_unit(proc.label, self.schedule.unit_of(item))
             proc.go(orders, plan)
@@ -526,11 +542,63 @@ class Controller:
             self.ending = [proc for proc in self.ending if not proc.try_reap()]
 
     def _spawn(self) -> WorkerProcess:
-        """Fork a worker that waits for its orders."""
+        """Have the zygote fork a worker that waits for its orders."""
         self._spawned += 1
         label = f"w{self._spawned}"
-        # Objects that exist now are shared with the worker page by page;
-        # freezing them keeps the worker's collector from writing to every
+        fds: list[int] = []
+        beacon: Beacon | None = None
+        # Ctrl-C while the zygote is asked would leave its answer unread,
+        # and the next question would read it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            read_fd, write_fd = os.pipe()
+            fds += (read_fd, write_fd)
+            go_read, go_write = os.pipe()
+            fds += (go_read, go_write)
+            fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
+            fds.append(fault_fd)
+            beacon = Beacon()
+            given = [write_fd, go_read, fault_fd, beacon.fd]
+            stillborn: int | None = None
+            zygote = self._zygote
+            try:
+                if zygote is None or not zygote.alive:
+                    zygote = self._start_zygote(blocked)
+                pid = zygote.fork(label.encode(), given)
+            except ZygoteGone:
+                # It died since the last worker (the OOM killer, say): once more.
+                zygote = self._start_zygote(blocked)
+                try:
+                    pid = zygote.fork(label.encode(), given)
+                except ZygoteGone:
+                    # Died as it started: whatever killed it (a fork hook of
+                    # the tests', say) kills every worker as it starts, and
+                    # it counts as such a worker (see _STILLBORN_LIMIT).
+                    pid = zygote.pid
+                    stillborn = signal.SIGKILL if zygote.status is None else zygote.status
+            os.close(write_fd)
+            os.close(go_read)
+            beacon.release_fd()
+            worker_process = WorkerProcess(
+                label, pid, read_fd, go_write, fault_fd, beacon, zygote, stillborn
+            )
+            if self.cgroups is not None:
+                worker_process.cgroup = self.cgroups.for_worker(label)
+        except BaseException:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if beacon is not None:
+                beacon.close()
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return worker_process
+
+    def _start_zygote(self, sigmask: Iterable[int]) -> Zygote:
+        """Fork the zygote (see ``zygote``) from this process as it is now."""
+        # Objects that exist now are shared with the workers page by page;
+        # freezing them keeps a worker's collector from writing to every
         # one of them (which would copy the pages) (bpo-31558).
         gc.freeze()
         self.plugin.parent_modules = forking.module_names()
@@ -541,62 +609,40 @@ class Controller:
             # not to init, so that they can be found and ended.
             leftovers.set_subreaper(self._prctl)
             self._forks = leftovers.ForkRegistry()
-        fds: list[int] = []
-        beacon: Beacon | None = None
-        # Ctrl-C during fork() would be raised inside an at-fork hook, where
-        # Python reports it as unraisable and drops it; held until the fork
-        # is done (the worker lets it through once its handlers are set).
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        try:
-            read_fd, write_fd = os.pipe()
-            fds += (read_fd, write_fd)
-            go_read, go_write = os.pipe()
-            fds += (go_read, go_write)
-            fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
-            fds.append(fault_fd)
-            beacon = Beacon()
-            cgroup = self.cgroups.for_worker(label) if self.cgroups is not None else None
-            _allow_fork_with_threads()
-            pid = os.fork()
-            if pid == 0:
-                os.close(go_write)
-                self._become_worker(
-                    label, read_fd, write_fd, go_read, fault_fd, beacon, blocked, cgroup
-                )
-            os.close(write_fd)
-            os.close(go_read)
-            # Also done in the worker; whichever runs first wins the race with a
-            # kill of the group.
-            with contextlib.suppress(OSError):
-                os.setpgid(pid, pid)
-            worker_process = WorkerProcess(label, pid, read_fd, go_write, fault_fd, beacon)
-            worker_process.cgroup = cgroup
-        except BaseException:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            if beacon is not None:
-                beacon.close()
-            raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self._worker_sigmask = set(sigmask)
+        _allow_fork_with_threads()
+        self._zygote = Zygote.start(
+            become=self._become_worker,
+            prepare=self._become_zygote,
+            after_fork=lambda: compat.clear_inherited_queues(self.config),
+            prctl=self._prctl,
+        )
         # What pytest queued in this process (unraisable exceptions, errors
-        # in threads) is the worker's to report now, once, not every later
-        # worker's again.
+        # in threads) is the first worker's to report, once, not every
+        # later worker's again.
         compat.clear_inherited_queues(self.config)
-        return worker_process
+        return self._zygote
 
-    def _become_worker(
-        self,
-        label: str,
-        read_fd: int,
-        write_fd: int,
-        go_fd: int,
-        fault_fd: int,
-        beacon: Beacon,
-        sigmask: Iterable[int],
-        cgroup: WorkerCgroup | None,
-    ) -> None:
+    def _become_zygote(self) -> None:
+        """In the zygote, once: let go of what it must not hold."""
+        self.in_worker = True
+        self._zygote_pid = os.getpid()
+        # Workers of an earlier zygote: holding their pipes would hide their end.
+        for other in (self.current, self.parked, self.standby, *self.ending):
+            if other is not None:
+                other.selector.close()
+                for fd in (other.receiver.fd, other.go_fd, other.pidfd, other.fault_fd):
+                    if fd >= 0:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+        if self._zygote is not None:
+            self._zygote.forget()
+
+    def _become_worker(self, payload: bytes, fds: list[int]) -> NoReturn:
+        """In a worker the zygote just forked: run the unit it is given."""
+        label = payload.decode()
+        write_fd, go_fd, fault_fd, beacon_fd = fds
+
         def lost_pipe() -> None:
             beacon.lost_pipe()
             os._exit(3)
@@ -604,7 +650,8 @@ class Controller:
         sender = Sender(write_fd, on_lost=lost_pipe)
         session = self.session
         try:
-            self.in_worker = True
+            beacon = Beacon(beacon_fd)
+            beacon.release_fd()
             # A test that signals its own worker should end that worker only,
             # not (through the parent's handler) the whole run.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -612,17 +659,17 @@ class Controller:
             # with SIGINT ignored (a background job of a shell script), and
             # the worker would inherit that.
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
-            os.close(read_fd)
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._worker_sigmask)
             os.setpgid(0, 0)
             if self._prctl is not None:
                 self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != self._parent_pid:
-                os._exit(1)  # the parent died before we could ask to follow it
-            if cgroup is not None:
+            if os.getppid() != self._zygote_pid:
+                os._exit(1)  # the zygote died before we could ask to follow it
+            if self.cgroups is not None:
                 # Before anything else: memory is charged to the cgroup a
                 # process is in when it touches a page.
                 assert self.settings.ceiling_bytes is not None
+                cgroup = self.cgroups.for_worker(label)
                 cgroup.join(self.settings.ceiling_bytes)
                 self.plugin.cgroup = cgroup
             leftovers.set_subreaper(self._prctl)
@@ -633,21 +680,14 @@ class Controller:
             if self._forks is not None:
                 self._forks.watch_forks(label)
             self.plugin.beacon = beacon
-            # Other workers' pipes: holding them would hide those workers' end.
-            for other in (self.current, self.parked, self.standby, *self.ending):
-                if other is not None:
-                    other.selector.close()
-                    for fd in (other.receiver.fd, other.go_fd, other.pidfd, other.fault_fd):
-                        if fd >= 0:
-                            with contextlib.suppress(OSError):
-                                os.close(fd)
             faulthandler.enable(file=fault_fd, all_threads=True)
             worker.prepare(self.config, self.plugin, sender)
             line = worker.Line(go_fd, session)
             orders = line.orders()
             if orders is None:
                 os._exit(0)
-            self.plugin.start(orders.limits)
+            # Where its faulthandler writes: the memfd as numbered here.
+            self.plugin.start(dataclasses.replace(orders.limits, fault_fd=fault_fd))
         except BaseException:
             worker.fault(sender, None)
             sender.flush()

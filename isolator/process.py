@@ -3,8 +3,9 @@
 It owns the worker's end of three pipes and a pidfd: the reports the worker
 streams (read here), the orders the controller gives it (written here), the
 memfd its faulthandler writes fatal stacks into, and the pidfd that says when
-it ended. Invariant: a worker's process group is only ever signalled while the
-worker is unreaped, so its PID cannot have been reused.
+it ended. The worker is the zygote's child, and the zygote reaps it when asked
+(see ``zygote``). Invariant: a worker's process group is only ever signalled
+while the worker is unreaped, so its PID cannot have been reused.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from isolator import faults, worker
 from isolator.beacon import Beacon
 from isolator.cgroup import Ending, WorkerCgroup
 from isolator.wire import Message, Receiver, Sender
+from isolator.zygote import Zygote, ZygoteGone
 
 
 class WorkerProcess:
@@ -35,9 +37,15 @@ class WorkerProcess:
         go_fd: int,
         fault_fd: int,
         beacon: Beacon,
+        zygote: Zygote,
+        stillborn_status: int | None = None,
     ) -> None:
+        """With ``stillborn_status``, the worker died as it was made, and
+        ``pid`` and the status are those of what died in its place (the zygote)."""
         self.label = label
         self.pid = pid
+        #: Its parent, which reaps it.
+        self.zygote = zygote
         #: The items this worker runs, once it has its orders.
         self.plan: list[pytest.Item] = []
         #: Indices in ``plan`` before which the worker waits for the word to go on.
@@ -68,8 +76,13 @@ class WorkerProcess:
         self.receiver = Receiver(read_fd)
         self.go_fd = go_fd
         self.fault_fd = fault_fd
-        self.pidfd = os.pidfd_open(pid)
         self.selector = selectors.DefaultSelector()
+        if stillborn_status is not None:
+            self.pidfd = -1
+            self.wait_status = stillborn_status
+            self._close()
+            return
+        self.pidfd = os.pidfd_open(pid)
         self.selector.register(read_fd, selectors.EVENT_READ, "pipe")
         self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
 
@@ -124,6 +137,8 @@ class WorkerProcess:
         )
 
     def tell(self, *message: object) -> None:
+        if self.go_fd < 0:
+            return  # reaped: it hears nothing any more (nor did it wait to)
         sender = Sender(self.go_fd)
         sender.send(*message)
         # A worker that died while it waited is found by the replay.
@@ -169,7 +184,7 @@ class WorkerProcess:
         """Collect the exit status of a worker known to have ended."""
         self.receiver.drain()
         self._kill_group()
-        _, self.wait_status = os.waitpid(self.pid, 0)
+        self.wait_status = self._wait(block=True)
         self.fault_stacks = self._read_fault_stacks()
         self._close()
         self._end_cgroup()
@@ -178,13 +193,28 @@ class WorkerProcess:
         """Reap the worker if it has exited; never blocks."""
         if self.exited:
             return True
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
-        if pid == 0:
+        status = self._wait(block=False)
+        if status is None:
             return False
         self.wait_status = status
         self._close()
         self._end_cgroup()
         return True
+
+    def _wait(self, block: bool) -> int | None:
+        """Reap the worker: its wait status, or None if it still runs."""
+        if self.zygote.alive:
+            with contextlib.suppress(ZygoteGone):
+                return self.zygote.wait(self.pid, self.pidfd, block)
+        # Its zygote died (and the kernel killed the worker: its parent-death
+        # signal): it has been made this process's child (a subreaper).
+        try:
+            pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            # Not ours either (this process is no subreaper): it is gone, and
+            # how it ended is known only to whoever reaped it.
+            return signal.SIGKILL
+        return None if pid == 0 else status
 
     def _end_cgroup(self) -> None:
         # The worker is reaped; its process group was sent SIGKILL when it

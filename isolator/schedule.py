@@ -22,7 +22,6 @@ The controller asks; it forks, feeds, replays and reaps.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Hashable
 from typing import Literal
@@ -173,9 +172,7 @@ class Schedule:
             label, budget, ceiling, settings.growth_limit_bytes, settings.timeout_s
         )
 
-    def orders_for(
-        self, plan: list[pytest.Item], label: str, fault_fd: int, testsfailed: int
-    ) -> worker.Orders:
+    def orders_for(self, plan: list[pytest.Item], label: str, testsfailed: int) -> worker.Orders:
         """What worker ``label`` is told when it starts ``plan``."""
         positions = [self.position(it) or 0 for it in plan]
         recorded = {}
@@ -187,7 +184,7 @@ class Schedule:
             plan=positions,
             gaps=self.gaps_in(plan),
             open_ended=self.feeding,
-            limits=dataclasses.replace(self.limits_for(label, plan), fault_fd=fault_fd),
+            limits=self.limits_for(label, plan),
             testsfailed=testsfailed,
             gc_stats=self.settings.gc_stats,
             recorded_peaks=recorded,

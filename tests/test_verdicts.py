@@ -341,11 +341,12 @@ def test_a_worker_that_cannot_be_forked_fails_its_test_only(
         calls = 0
 
         def fork():
-            # The second fork (the standby) and the third (test_2's own
-            # worker) are refused, as under a process limit.
+            # The first fork makes the zygote, the second test_1's worker;
+            # the third (the standby) and the fourth (test_2's own worker)
+            # are refused, as under a process limit.
             global calls
             calls += 1
-            if calls in (2, 3):
+            if calls in (3, 4):
                 raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
             return real_fork()
 
