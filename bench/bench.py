@@ -117,7 +117,7 @@ def report(title: str, variants: list[Variant], baseline: Variant | None, tests:
         print(f"  ({baseline.name}: {baseline.median:.2f}s wall, subtracted for 'per test')")
 
 
-_PER_FORK = ("fork_cpu_s", "fork_s", "parent_cpu", "parent_faults", "reap_s")
+_PER_FORK = ("fork_cpu_s", "fork_s", "parent_cpu", "parent_faults", "zygote_cpu", "reap_s")
 _PER_UNIT = tuple(
     f"{phase}_{what}" for phase in ("start", "tests", "exit") for what in ("cpu", "faults")
 )
@@ -128,8 +128,8 @@ def breakdown(cwd: Path, variants: list[Variant], python: str = sys.executable) 
     with the ``bench.unitcost`` plugin (CPU figures are per worker)."""
     print("  per unit (one more run each; CPU ms, minor page faults):")
     print(
-        f"    {'variant':<32} {'units':>5} {'fork':>13} {'parent':>14} {'start':>14}"
-        f" {'tests':>14} {'exit':>14} {'reap':>6}"
+        f"    {'variant':<32} {'units':>5} {'fork':>13} {'parent':>14} {'zygote':>6}"
+        f" {'start':>14} {'tests':>14} {'exit':>14} {'reap':>6}"
     )
     for variant in variants:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
@@ -145,6 +145,7 @@ def breakdown(cwd: Path, variants: list[Variant], python: str = sys.executable) 
             f"    {variant.name:<32} {data['units']:>5}"
             f" {per_fork['fork_cpu_s'] * 1e3:>5.2f} ({per_fork['fork_s'] * 1e3:>5.1f}w)"
             f" {per_fork['parent_cpu'] * 1e3:>5.2f} {per_fork['parent_faults']:>6.0f}f"
+            f" {per_fork['zygote_cpu'] * 1e3:>6.2f}"
             + "".join(
                 f" {per_unit[f'{phase}_cpu'] * 1e3:>5.2f} {per_unit[f'{phase}_faults']:>6.0f}f"
                 for phase in ("start", "tests", "exit")
@@ -165,9 +166,10 @@ def breakdown(cwd: Path, variants: list[Variant], python: str = sys.executable) 
                 f"{data['teardown_cpu'] / left * 1e3:.2f} ms"
             )
     print(
-        "    fork: the parent's CPU in os.fork() (wall in brackets); parent: all its CPU and"
-        " faults\n    per fork; start: a worker's until its first test; tests: over its tests;"
-        " exit: after\n    them, its address space torn down included; reap: wall ms in waitpid"
+        "    fork: the zygote's CPU in os.fork() (wall in brackets); parent: all the pytest"
+        " process's\n    CPU and faults per fork; zygote: all its CPU per fork, fork included;"
+        " start: a worker's\n    until its first test; tests: over its tests; exit: after them,"
+        " its address space torn\n    down included; reap: the zygote's wall ms in waitpid"
     )
 
 

@@ -2,19 +2,20 @@
 
 Loaded with ``-p bench.unitcost`` next to isolator, in the pytest process
 only. It wraps ``os.fork`` and ``os.waitpid`` of that process (isolator's own
-code is untouched) and, in each forked worker, records the worker's CPU time
+code is untouched; the zygote inherits the wrappers and forks and reaps the
+workers with them) and, in each forked worker, records the worker's CPU time
 and minor page faults when its first test begins and when each test ends,
-into a shared memory slot the parent reads when it reaps the worker
-(``os.wait4`` gives the worker's totals). Per unit, then:
+into a shared memory slot the pytest process reads at the end (``os.wait4``
+in the zygote gives the worker's totals). Per unit, then:
 
-- fork: the parent's wall time inside ``os.fork()``;
+- fork: the zygote's CPU and wall time inside ``os.fork()``;
 - worker start: the worker's CPU and faults from its fork to its first setup;
 - tests: the same, over the unit's tests;
 - exit: the same, after its last test (teardown of the unit, leaving, and
   the kernel's teardown of its address space, whether it left or was killed);
-- reap: the parent's wall time inside ``waitpid``;
-- parent faults: minor faults the parent took over the run, per fork (its
-  pages are shared with a worker after every fork, so its writes copy them).
+- reap: the zygote's wall time inside ``waitpid``;
+- parent: the pytest process's CPU and minor faults over the run, per fork;
+- zygote: the zygote's own CPU over the run, per fork (fork included).
 
 At the end it writes a JSON summary to the path in ``BENCH_UNITCOST``.
 """
@@ -32,7 +33,11 @@ from typing import Any, NoReturn
 
 import pytest
 
-_SLOT = struct.Struct("<dddddd")
+#: Per fork: pid, then (CPU, faults) when the worker's first test began, when
+#: its last test ended and when it reached os._exit, its totals at reaping,
+#: and the forking process's wall and CPU time in fork() and wall time in
+#: waitpid.
+_SLOT = struct.Struct("<q" + "d" * 11)
 _SLOTS = 20_000
 
 
@@ -58,17 +63,19 @@ def _rss_bytes() -> int:
 
 
 class UnitCost:
+    """Installed in the pytest process; its wrappers are inherited by the
+    zygote (which forks and reaps the workers) and by the workers."""
+
     def __init__(self, out: str) -> None:
         self.out = out
-        self.shared = mmap.mmap(-1, _SLOT.size * _SLOTS)
-        self.slot = -1  # in a worker: its slot; in the parent: -1
-        self.forks = 0
+        self.shared = mmap.mmap(-1, _SLOT.size * _SLOTS + 8)
+        self.slot = -1  # in a worker: its slot
+        self.controller = os.getpid()
+        #: In the process that forks workers: slot by PID.
         self.slots: dict[int, int] = {}
-        self.fork_s: list[float] = []
-        self.fork_cpu_s: list[float] = []
-        self.reap_s: list[float] = []
-        self.totals: dict[int, tuple[float, float]] = {}
         self.first_fork: tuple[float, float, int, int] | None = None
+        #: The controller's own forks (the zygote) and what reaping them told.
+        self.own_forks: dict[int, tuple[float, float]] = {}
         self.started_test = False
         self._fork = os.fork
         self._waitpid = os.waitpid
@@ -77,22 +84,37 @@ class UnitCost:
         os.waitpid = self.waitpid
         os._exit = self.exit
 
+    def _next_slot(self) -> int:
+        # The slot count lives in the shared page's tail: any process may fork.
+        (count,) = struct.unpack_from("<q", self.shared, _SLOT.size * _SLOTS)
+        struct.pack_into("<q", self.shared, _SLOT.size * _SLOTS, count + 1)
+        return int(count)
+
+    def _put(self, slot: int, index: int, *values: float) -> None:
+        offset = slot * _SLOT.size + 8 + 8 * index
+        struct.pack_into(f"<{len(values)}d", self.shared, offset, *values)
+
     def fork(self) -> int:
-        if self.forks >= _SLOTS:
+        if os.getpid() == self.controller:
+            if self.first_fork is None:
+                cpu, faults = _cpu_and_faults()
+                self.first_fork = (cpu, faults, _rss_bytes(), _anon_huge_kb())
+            pid = self._fork()
+            if pid:
+                self.own_forks[pid] = (0.0, 0.0)
+            return pid
+        slot = self._next_slot()
+        if slot >= _SLOTS:
             return self._fork()
-        slot = self.forks
-        self.forks += 1
-        if self.first_fork is None:
-            cpu, faults = _cpu_and_faults()
-            self.first_fork = (cpu, faults, _rss_bytes(), _anon_huge_kb())
         start = time.perf_counter()
         start_cpu = time.thread_time()
         pid = self._fork()
         if pid == 0:
             self.slot = slot
+            self.started_test = False
             return 0
-        self.fork_cpu_s.append(time.thread_time() - start_cpu)
-        self.fork_s.append(time.perf_counter() - start)
+        struct.pack_into("<q", self.shared, slot * _SLOT.size, pid)
+        self._put(slot, 8, time.perf_counter() - start, time.thread_time() - start_cpu)
         self.slots[pid] = slot
         return pid
 
@@ -100,24 +122,25 @@ class UnitCost:
         start = time.perf_counter()
         got, status, usage = os.wait4(pid, options)
         if got:
-            self.reap_s.append(time.perf_counter() - start)
-            self.totals[got] = (usage.ru_utime + usage.ru_stime, float(usage.ru_minflt))
+            totals = (usage.ru_utime + usage.ru_stime, float(usage.ru_minflt))
+            if got in self.own_forks:
+                self.own_forks[got] = totals
+            slot = self.slots.get(got)
+            if slot is not None:
+                self._put(slot, 6, *totals)
+                self._put(slot, 10, time.perf_counter() - start)
         return got, status
 
     def exit(self, status: int) -> NoReturn:
         if self.slot >= 0:
-            self._record(32)
+            self._put(self.slot, 4, *_cpu_and_faults())
         self._exit(status)
-
-    def _record(self, offset: int) -> None:
-        cpu, faults = _cpu_and_faults()
-        struct.pack_into("<dd", self.shared, self.slot * _SLOT.size + offset, cpu, faults)
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(self) -> Generator[None, None, None]:
         if self.slot >= 0 and not self.started_test:
             self.started_test = True
-            self._record(0)
+            self._put(self.slot, 0, *_cpu_and_faults())
         return (yield)
 
     @pytest.hookimpl(wrapper=True)
@@ -126,25 +149,31 @@ class UnitCost:
             return (yield)
         finally:
             if self.slot >= 0:
-                self._record(16)
+                self._put(self.slot, 2, *_cpu_and_faults())
 
     def pytest_unconfigure(self) -> None:
-        if self.slot >= 0 or self.first_fork is None:
+        if os.getpid() != self.controller or self.first_fork is None:
             return
         os.fork, os.waitpid, os._exit = self._fork, self._waitpid, self._exit
         cpu, faults = _cpu_and_faults()
         start_cpu, start_faults, start_rss, start_huge = self.first_fork
+        (count,) = struct.unpack_from("<q", self.shared, _SLOT.size * _SLOTS)
         units = []
         leaving: list[tuple[float, float, float]] = []
-        for pid, (total_cpu, total_faults) in self.totals.items():
-            slot = self.slots.get(pid)
-            if slot is None:
+        forks = fork_s = fork_cpu_s = reap_s = workers_cpu = 0.0
+        for slot in range(min(int(count), _SLOTS)):
+            fields = _SLOT.unpack_from(self.shared, slot * _SLOT.size)
+            pid, begin_cpu, begin_faults, end_cpu, end_faults, left_cpu, left_faults = fields[:7]
+            total_cpu, total_faults, slot_fork_s, slot_fork_cpu_s, slot_reap_s = fields[7:]
+            if not pid:
                 continue
-            begin_cpu, begin_faults, end_cpu, end_faults, left_cpu, left_faults = _SLOT.unpack_from(
-                self.shared, slot * _SLOT.size
-            )
-            if not begin_cpu or not end_cpu:
-                continue  # a standby that never ran a test
+            forks += 1
+            fork_s += slot_fork_s
+            fork_cpu_s += slot_fork_cpu_s
+            reap_s += slot_reap_s
+            workers_cpu += total_cpu
+            if not begin_cpu or not end_cpu or not total_cpu:
+                continue  # a standby that never ran a test, or not reaped
             if left_cpu:
                 # It reached os._exit (it was not killed first): what came
                 # after is the kernel tearing its address space down.
@@ -161,14 +190,17 @@ class UnitCost:
                     "exit_faults": total_faults - end_faults,
                 }
             )
+        # The zygote's own CPU: what reaping it reported, less its workers'.
+        zygote_cpu = sum(total for total, _ in self.own_forks.values()) - workers_cpu
         summary: dict[str, Any] = {
-            "forks": len(self.fork_s),
+            "forks": int(forks),
             "units": len(units),
-            "fork_s": sum(self.fork_s),
-            "fork_cpu_s": sum(self.fork_cpu_s),
-            "reap_s": sum(self.reap_s),
+            "fork_s": fork_s,
+            "fork_cpu_s": fork_cpu_s,
+            "reap_s": reap_s,
             "parent_cpu": cpu - start_cpu,
             "parent_faults": faults - start_faults,
+            "zygote_cpu": max(zygote_cpu, 0.0),
             "parent_rss_first_fork": start_rss,
             "parent_rss_end": _rss_bytes(),
             "parent_huge_kb_first_fork": start_huge,

@@ -32,7 +32,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import NoReturn
 
 import pytest
@@ -126,7 +126,7 @@ class Controller:
         #: The worker whose reports are being replayed.
         self.current: WorkerProcess | None = None
         #: A worker forked in advance for the unit expected next.
-        self.standby: WorkerProcess | None = None
+        self.standby: Unborn | None = None
         #: A worker waiting at a gap in its plan while others run the tests
         #: in between (the shared worker of ``--isolate=marked``).
         self.parked: WorkerProcess | None = None
@@ -366,7 +366,10 @@ class Controller:
     def shutdown(self) -> None:
         if self.interrupted and self.current is not None and self.current.started:
             self._interrupt(self.current)
-        for proc in (self.current, self.parked, self.standby):
+        if self.standby is not None:
+            with contextlib.suppress(OSError):
+                self._retire(self._born(self.standby))
+        for proc in (self.current, self.parked):
             if proc is not None:
                 self._retire(proc)
         self.current = self.parked = self.standby = None
@@ -397,7 +400,7 @@ class Controller:
         blame: dict[int, str] = {}
 
         def find() -> list[int]:
-            workers = {p.pid for p in (self.current, self.parked, self.standby) if p is not None}
+            workers = {p.pid for p in (self.current, self.parked) if p is not None}
             workers.update(p.pid for p in self.ending)
             if self._zygote is not None:
                 workers.add(self._zygote.pid)
@@ -455,12 +458,18 @@ class Controller:
             proc, self.parked = self.parked, None
             proc.resume(testsfailed)
         else:
-            proc, self.standby = self.standby, None
+            standby, self.standby = self.standby, None
+            proc = None
+            if standby is not None:
+                # Only a head start: if the zygote could not fork it, the
+                # unit asks for its own worker (and says so if that fails too).
+                with contextlib.suppress(OSError):
+                    proc = self._born(standby)
             # A standby killed while it waited never ran anything: use another.
             if proc is None or proc.try_reap():
                 if proc is not None:
                     self._retire(proc)
-                proc = self._spawn()
+                proc = self._born(self._conceive())
             plan = self.schedule.plan_for(item, nextitem)
             orders = self.schedule.orders_for(plan, proc.label, testsfailed)
             self.schedule.admit(plan, orders)
@@ -470,10 +479,10 @@ class Controller:
         self.current = proc
         self._reap_ended()
         if self.standby is None and nextitem is not None:
-            # Only a head start: if it cannot be had now, the next unit forks
-            # its own worker (and says so if that fails too).
+            # Asked for now, taken when the next unit starts: the zygote forks
+            # it while this process replays.
             with contextlib.suppress(OSError):
-                self.standby = self._spawn()
+                self.standby = self._conceive()
         return proc
 
     def _feed(self, proc: WorkerProcess, item: pytest.Item, nextitem: pytest.Item | None) -> None:
@@ -541,15 +550,13 @@ class Controller:
         if self.ending:
             self.ending = [proc for proc in self.ending if not proc.try_reap()]
 
-    def _spawn(self) -> WorkerProcess:
-        """Have the zygote fork a worker that waits for its orders."""
+    def _conceive(self) -> Unborn:
+        """Ask the zygote for a worker that will wait for its orders, without
+        waiting for the fork (see :meth:`_born`)."""
         self._spawned += 1
         label = f"w{self._spawned}"
         fds: list[int] = []
         beacon: Beacon | None = None
-        # Ctrl-C while the zygote is asked would leave its answer unread,
-        # and the next question would read it.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             read_fd, write_fd = os.pipe()
             fds += (read_fd, write_fd)
@@ -558,32 +565,8 @@ class Controller:
             fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
             fds.append(fault_fd)
             beacon = Beacon()
-            given = [write_fd, go_read, fault_fd, beacon.fd]
-            stillborn: int | None = None
-            zygote = self._zygote
-            try:
-                if zygote is None or not zygote.alive:
-                    zygote = self._start_zygote(blocked)
-                pid = zygote.fork(label.encode(), given)
-            except ZygoteGone:
-                # It died since the last worker (the OOM killer, say): once more.
-                zygote = self._start_zygote(blocked)
-                try:
-                    pid = zygote.fork(label.encode(), given)
-                except ZygoteGone:
-                    # Died as it started: whatever killed it (a fork hook of
-                    # the tests', say) kills every worker as it starts, and
-                    # it counts as such a worker (see _STILLBORN_LIMIT).
-                    pid = zygote.pid
-                    stillborn = signal.SIGKILL if zygote.status is None else zygote.status
-            os.close(write_fd)
-            os.close(go_read)
-            beacon.release_fd()
-            worker_process = WorkerProcess(
-                label, pid, read_fd, go_write, fault_fd, beacon, zygote, stillborn
-            )
-            if self.cgroups is not None:
-                worker_process.cgroup = self.cgroups.for_worker(label)
+            unborn = Unborn(label, read_fd, write_fd, go_read, go_write, fault_fd, beacon)
+            unborn.zygote = self._ask_fork(unborn)
         except BaseException:
             for fd in fds:
                 with contextlib.suppress(OSError):
@@ -591,11 +574,60 @@ class Controller:
             if beacon is not None:
                 beacon.close()
             raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        return worker_process
+        return unborn
 
-    def _start_zygote(self, sigmask: Iterable[int]) -> Zygote:
+    def _ask_fork(self, unborn: Unborn) -> Zygote:
+        """Ask a live zygote (started if need be) to fork ``unborn``; the zygote
+        asked, or a dead one if it died as it started."""
+        zygote = self._zygote
+        for _ in range(2):
+            if zygote is None or not zygote.alive:
+                zygote = self._start_zygote()
+            try:
+                zygote.ask_fork(unborn.label.encode(), unborn.given)
+                return zygote
+            except ZygoteGone:
+                # It died since the last worker (the OOM killer, say): once more.
+                zygote = None
+        assert self._zygote is not None
+        return self._zygote
+
+    def _born(self, unborn: Unborn) -> WorkerProcess:
+        """The worker ``unborn`` once the zygote has forked it."""
+        stillborn: int | None = None
+        try:
+            zygote = unborn.zygote
+            try:
+                pid = zygote.forked()
+            except ZygoteGone:
+                zygote = self._ask_fork(unborn)
+                try:
+                    pid = zygote.forked()
+                except ZygoteGone:
+                    # Died as it started: whatever killed it (a fork hook of
+                    # the tests', say) kills every worker as it starts, and
+                    # it counts as such a worker (see _STILLBORN_LIMIT).
+                    pid = zygote.pid
+                    stillborn = signal.SIGKILL if zygote.status is None else zygote.status
+            unborn.release()
+            proc = WorkerProcess(
+                unborn.label,
+                pid,
+                unborn.read_fd,
+                unborn.go_write,
+                unborn.fault_fd,
+                unborn.beacon,
+                zygote,
+                stillborn,
+            )
+        except BaseException:
+            unborn.discard()
+            raise
+        if self.cgroups is not None:
+            proc.cgroup = self.cgroups.for_worker(unborn.label)
+        return proc
+
+    def _start_zygote(self) -> Zygote:
         """Fork the zygote (see ``zygote``) from this process as it is now."""
         # Objects that exist now are shared with the workers page by page;
         # freezing them keeps a worker's collector from writing to every
@@ -609,14 +641,21 @@ class Controller:
             # not to init, so that they can be found and ended.
             leftovers.set_subreaper(self._prctl)
             self._forks = leftovers.ForkRegistry()
-        self._worker_sigmask = set(sigmask)
         _allow_fork_with_threads()
-        self._zygote = Zygote.start(
-            become=self._become_worker,
-            prepare=self._become_zygote,
-            after_fork=lambda: compat.clear_inherited_queues(self.config),
-            prctl=self._prctl,
-        )
+        # Ctrl-C during fork() would be raised inside an at-fork hook, where
+        # Python reports it as unraisable and drops it; held until the fork
+        # is done. The zygote holds them for good; workers let them through.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        self._worker_sigmask = set(blocked)
+        try:
+            self._zygote = Zygote.start(
+                become=self._become_worker,
+                prepare=self._become_zygote,
+                after_fork=lambda: compat.clear_inherited_queues(self.config),
+                prctl=self._prctl,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         # What pytest queued in this process (unraisable exceptions, errors
         # in threads) is the first worker's to report, once, not every
         # later worker's again.
@@ -628,7 +667,9 @@ class Controller:
         self.in_worker = True
         self._zygote_pid = os.getpid()
         # Workers of an earlier zygote: holding their pipes would hide their end.
-        for other in (self.current, self.parked, self.standby, *self.ending):
+        if self.standby is not None:
+            self.standby.discard()
+        for other in (self.current, self.parked, *self.ending):
             if other is not None:
                 other.selector.close()
                 for fd in (other.receiver.fd, other.go_fd, other.pidfd, other.fault_fd):
@@ -979,3 +1020,40 @@ class Controller:
         proc.pos += 1
         if "logfinish" not in outcomes:
             ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+
+
+@dataclasses.dataclass
+class Unborn:
+    """A worker asked of the zygote, before its fork is known to be done:
+    the descriptors made for it, the worker's ends among them."""
+
+    label: str
+    read_fd: int
+    write_fd: int
+    go_read: int
+    go_write: int
+    fault_fd: int
+    beacon: Beacon
+    zygote: Zygote = dataclasses.field(init=False)
+
+    @property
+    def given(self) -> list[int]:
+        """What the worker gets: its ends of the pipes, and the memfds."""
+        return [self.write_fd, self.go_read, self.fault_fd, self.beacon.fd]
+
+    def release(self) -> None:
+        """Forked: close this process's copies of the worker's ends."""
+        for fd in (self.write_fd, self.go_read):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.write_fd = self.go_read = -1
+        self.beacon.release_fd()
+
+    def discard(self) -> None:
+        """Never to be a worker (here): close everything made for it."""
+        for fd in (self.read_fd, self.write_fd, self.go_read, self.go_write, self.fault_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.read_fd = self.write_fd = self.go_read = self.go_write = self.fault_fd = -1
+        self.beacon.close()

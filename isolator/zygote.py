@@ -28,16 +28,18 @@ the zygote.
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
 import os
 import select
 import signal
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 #: Requests: fork (with the worker's descriptors attached), wait, wait without blocking.
 _FORK = b"F"
 _WAIT = b"W"
@@ -66,6 +68,10 @@ class Zygote:
         self.alive = True
         #: How it ended, once it has and was reaped.
         self.status: int | None = None
+        #: Forks asked for whose answer has not been read.
+        self._owed = 0
+        #: Answers to forks, read while waiting for another answer.
+        self._forks: collections.deque[tuple[int, int]] = collections.deque()
 
     @classmethod
     def start(
@@ -109,11 +115,25 @@ class Zygote:
             os.setpgid(pid, pid)
         return cls(pid, ours)
 
-    def fork(self, payload: bytes, fds: Sequence[int]) -> int:
-        """A new worker's PID. ``fds`` are handed to it (they stay open
-        here); OSError with the zygote's errno if its fork failed."""
-        request = _REQUEST.pack(_FORK, 0) + payload
-        value = self._ask(request, fds)
+    def ask_fork(self, payload: bytes, fds: Sequence[int]) -> None:
+        """Ask for a new worker, without waiting: :meth:`forked` gives its
+        PID. ``fds`` are handed to it (they stay open here until then)."""
+        with _stop_signals_held():
+            self._send(_REQUEST.pack(_FORK, 0) + payload, fds)
+            self._owed += 1
+
+    def forked(self) -> int:
+        """The PID of the worker asked for first and not yet taken (blocks
+        until the zygote has forked it); OSError with the zygote's errno if
+        its fork failed."""
+        with _stop_signals_held():
+            if self._forks:
+                value, error = self._forks.popleft()
+            else:
+                value, error = self._reply()
+                self._owed -= 1
+        if error:
+            raise OSError(error, os.strerror(error))
         return value
 
     def wait(self, pid: int, pidfd: int, block: bool) -> int | None:
@@ -125,10 +145,18 @@ class Zygote:
             poller.register(pidfd, select.POLLIN)
             if not poller.poll(0):
                 return None
-        value = self._ask(_REQUEST.pack(_WAIT if block else _POLL, pid), ())
+        with _stop_signals_held():
+            self._send(_REQUEST.pack(_WAIT if block else _POLL, pid), ())
+            # Answers come in order: those to forks asked for before, first.
+            while self._owed:
+                self._forks.append(self._reply())
+                self._owed -= 1
+            value, error = self._reply()
+        if error:
+            raise OSError(error, os.strerror(error))
         return None if value < 0 else value
 
-    def _ask(self, request: bytes, fds: Sequence[int]) -> int:
+    def _send(self, request: bytes, fds: Sequence[int]) -> None:
         if not self.alive:
             raise ZygoteGone("the zygote is gone")
         try:
@@ -136,6 +164,14 @@ class Zygote:
                 socket.send_fds(self._sock, [request], list(fds))
             else:
                 self._sock.send(request)
+        except OSError as exc:
+            self._gone()
+            raise ZygoteGone(f"the zygote is gone: {exc}") from exc
+
+    def _reply(self) -> tuple[int, int]:
+        if not self.alive:
+            raise ZygoteGone("the zygote is gone")
+        try:
             reply = self._sock.recv(_REPLY.size)
         except OSError as exc:
             self._gone()
@@ -144,10 +180,7 @@ class Zygote:
             self._gone()
             raise ZygoteGone("the zygote is gone")
         value, error = _REPLY.unpack(reply)
-        if error:
-            raise OSError(error, os.strerror(error))
-        result: int = value
-        return result
+        return value, error
 
     def _gone(self) -> None:
         """The zygote died: wait until it is reaped, which is when the kernel
@@ -176,6 +209,17 @@ class Zygote:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             self.close()
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Ctrl-C between a question and the reading of its answer would leave
+    the answer unread, and every later question would read the one before's."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
