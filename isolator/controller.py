@@ -663,9 +663,19 @@ class Controller:
         return self._zygote
 
     def _become_zygote(self) -> None:
-        """In the zygote, once: let go of what it must not hold."""
+        """In the zygote, once: let go of what it must not hold, and do what
+        every worker would otherwise do for itself (see ``worker.prepare``)."""
         self.in_worker = True
         self._zygote_pid = os.getpid()
+        # A test that signals its own worker should end that worker only,
+        # not (through the parent's handler) the whole run. (The zygote holds
+        # both signals blocked: these handlers are its workers'.)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # Interrupting a worker means SIGINT; pytest may have been started
+        # with SIGINT ignored (a background job of a shell script), and
+        # the worker would inherit that.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        worker.prepare(self.config, self.plugin)
         # Workers of an earlier zygote: holding their pipes would hide their end.
         if self.standby is not None:
             self.standby.discard()
@@ -693,13 +703,6 @@ class Controller:
         try:
             beacon = Beacon(beacon_fd)
             beacon.release_fd()
-            # A test that signals its own worker should end that worker only,
-            # not (through the parent's handler) the whole run.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            # Interrupting a worker means SIGINT; pytest may have been started
-            # with SIGINT ignored (a background job of a shell script), and
-            # the worker would inherit that.
-            signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, self._worker_sigmask)
             os.setpgid(0, 0)
             if self._prctl is not None:
@@ -722,7 +725,7 @@ class Controller:
                 self._forks.watch_forks(label)
             self.plugin.beacon = beacon
             faulthandler.enable(file=fault_fd, all_threads=True)
-            worker.prepare(self.config, self.plugin, sender)
+            self.plugin.sender = sender
             line = worker.Line(go_fd, session)
             orders = line.orders()
             if orders is None:

@@ -549,18 +549,18 @@ def _route_report_hooks(config: pytest.Config, plugin: WorkerPlugin) -> None:
         caller._hookimpls[:] = [impl for impl in caller._hookimpls if impl.plugin in keep]
 
 
-def prepare(config: pytest.Config, plugin: WorkerPlugin, sender: Sender) -> None:
-    """Turn the freshly forked copy of the parent into a worker.
+def prepare(config: pytest.Config, plugin: WorkerPlugin) -> None:
+    """Ready the zygote (and so every worker it forks) to run tests.
 
     Kept to the least that works: every page this touches is copied out of
-    the parent's memory (copy-on-write), and under ``--isolate=test`` that
-    happens once per test. So the plugin is registered in the parent (idle
-    there) rather than here, and the capture files are the parent's own: only
-    one worker is ever inside a test phase, and each phase leaves the files
-    read and truncated for the next.
+    the pytest process's memory (copy-on-write), once, in the zygote, instead
+    of once in every worker. So the plugin is registered in the pytest process
+    (idle there) rather than here, and the capture files are the parent's own:
+    only one worker is ever inside a test phase, and each phase leaves the
+    files read and truncated for the next. A worker adds only its own pipe
+    (``plugin.sender``).
     """
     _route_report_hooks(config, plugin)
-    plugin.sender = sender
     plugin.live = True
 
 
