@@ -56,6 +56,8 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _TEMP_FIXTURES = frozenset({"tmp_path", "tmpdir", "tmp_path_factory", "tmpdir_factory"})
 #: Workers in a row that may die before starting a test before the run stops.
 _STILLBORN_LIMIT = 3
+#: Ended workers reaped together (see Controller._reap_ended).
+_REAP_BATCH = 8
 #: How long an interrupted worker gets to tear down before it is killed.
 _INTERRUPT_GRACE_S = 5.0
 #: Messages about one test, as opposed to the worker as a whole.
@@ -547,8 +549,26 @@ class Controller:
             self._end_orphans(proc)
 
     def _reap_ended(self) -> None:
-        if self.ending:
-            self.ending = [proc for proc in self.ending if not proc.try_reap()]
+        """Reap the workers told to end that have, a batch at a time: each
+        reaping is a question to the zygote, and one question can carry many.
+        (Only the exit status waits: the kernel frees a worker's memory when
+        it exits, reaped or not.)"""
+        if len(self.ending) < _REAP_BATCH:
+            return
+        by_zygote: dict[Zygote, list[WorkerProcess]] = {}
+        for proc in self.ending:
+            by_zygote.setdefault(proc.zygote, []).append(proc)
+        for forker, procs in by_zygote.items():
+            statuses: dict[int, int] = {}
+            if forker.alive:
+                with contextlib.suppress(ZygoteGone):
+                    statuses = forker.reap_ended([(p.pid, p.pidfd) for p in procs])
+            for proc in procs:
+                if proc.pid in statuses:
+                    proc.reaped(statuses[proc.pid])
+                elif not forker.alive:
+                    proc.try_reap()
+        self.ending = [proc for proc in self.ending if not proc.exited]
 
     def _conceive(self) -> Unborn:
         """Ask the zygote for a worker that will wait for its orders, without
@@ -726,6 +746,7 @@ class Controller:
             self.plugin.beacon = beacon
             faulthandler.enable(file=fault_fd, all_threads=True)
             self.plugin.sender = sender
+            self.plugin.ready()
             line = worker.Line(go_fd, session)
             orders = line.orders()
             if orders is None:

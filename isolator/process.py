@@ -196,10 +196,14 @@ class WorkerProcess:
         status = self._wait(block=False)
         if status is None:
             return False
+        self.reaped(status)
+        return True
+
+    def reaped(self, status: int) -> None:
+        """It was reaped (by :meth:`try_reap`, or with others), with ``status``."""
         self.wait_status = status
         self._close()
         self._end_cgroup()
-        return True
 
     def _wait(self, block: bool) -> int | None:
         """Reap the worker: its wait status, or None if it still runs."""

@@ -153,13 +153,20 @@ class WorkerPlugin:
         #: any other would be imported in the parent by unpickling it.
         self.parent_modules: frozenset[str] = frozenset()
 
+    def ready(self) -> None:
+        """Open the memory probe: done while the worker waits for its orders
+        (a standby, as a rule), off the run's critical path."""
+        self.probe = memory.Probe()
+        self.meter = memory.Meter(self.probe)
+
     def start(self, limits: Limits) -> None:
         """Begin measuring, and set the ceiling; called once the unit starts."""
         self.limits = limits
         self.coverage_file = coverage_data_file()
         self.gc_at_start = gc.get_stats()
-        self.probe = memory.Probe()
-        self.meter = memory.Meter(self.probe)
+        if self.meter is None:
+            self.ready()
+        assert self.meter is not None
         self.base = self.meter.read()
         if limits.ceiling_bytes is not None and self.cgroup is not None:
             self.cgroup.set_limit(limits.ceiling_bytes)

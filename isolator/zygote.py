@@ -156,6 +156,29 @@ class Zygote:
             raise OSError(error, os.strerror(error))
         return None if value < 0 else value
 
+    def reap_ended(self, workers: Sequence[tuple[int, int]]) -> dict[int, int]:
+        """The wait status of each of ``workers`` (PID, pidfd) that has ended,
+        reaping it: one wake-up of the zygote for all of them."""
+        poller = select.poll()
+        for _, pidfd in workers:
+            poller.register(pidfd, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(0)}
+        pids = [pid for pid, pidfd in workers if pidfd in ready]
+        statuses: dict[int, int] = {}
+        if not pids:
+            return statuses
+        with _stop_signals_held():
+            for pid in pids:
+                self._send(_REQUEST.pack(_POLL, pid), ())
+            while self._owed:
+                self._forks.append(self._reply())
+                self._owed -= 1
+            for pid in pids:
+                value, error = self._reply()
+                if not error and value >= 0:
+                    statuses[pid] = value
+        return statuses
+
     def _send(self, request: bytes, fds: Sequence[int]) -> None:
         if not self.alive:
             raise ZygoteGone("the zygote is gone")
