@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn, overload
 
 import pytest
 from pluggy import HookRelay
@@ -101,6 +101,30 @@ def _allow_fork_with_threads() -> None:
     )
 
 
+def _warnings_state() -> tuple[list[Any], object, object]:
+    """What ``warnings.catch_warnings`` saves and restores."""
+    return (
+        list(warnings.filters),
+        warnings.showwarning,
+        getattr(warnings, "_showwarnmsg_impl", None),
+    )
+
+
+def _restore_warnings_state(state: tuple[list[Any], object, object]) -> None:
+    filters, showwarning, showwarnmsg_impl = state
+    # As catch_warnings restores them (its attributes, not a public API).
+    setattr(warnings, "filters", list(filters))  # noqa: B010
+    setattr(warnings, "showwarning", showwarning)  # noqa: B010
+    if showwarnmsg_impl is not None:
+        setattr(warnings, "_showwarnmsg_impl", showwarnmsg_impl)  # noqa: B010
+    # Named so up to 3.13; 3.14 took a lock around it and renamed it.
+    for name in ("_filters_mutated", "_filters_mutated_lock_held"):
+        mutated = getattr(warnings, name, None)
+        if mutated is not None:
+            mutated()
+            break
+
+
 def _load_prctl() -> Callable[..., int] | None:
     try:
         return ctypes.CDLL(None, use_errno=True).prctl
@@ -162,6 +186,10 @@ class Controller:
         self._prctl = _load_prctl()
         #: What forks the workers (started with the first one).
         self._zygote: Zygote | None = None
+        #: Workers asked of the zygote and not yet taken.
+        self._unborn: set[Unborn] = set()
+        #: The warnings filters and hooks as they were before any test ran.
+        self._warnings_base: tuple[list[Any], object, object] | None = None
         #: In the zygote and its workers: the zygote's PID.
         self._zygote_pid = -1
         #: The signal mask workers start with (this process's, before the
@@ -243,6 +271,7 @@ class Controller:
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self._warnings_base = _warnings_state()
         if self.history_note and self.settings.mode == "auto":
             # Said up front: without history, auto is shared.
             reporter = self.config.pluginmanager.get_plugin("terminalreporter")
@@ -370,7 +399,9 @@ class Controller:
             self._interrupt(self.current)
         if self.standby is not None:
             with contextlib.suppress(OSError):
-                self._retire(self._born(self.standby))
+                standby = self._born(self.standby, again=False)
+                if standby is not None:
+                    self._retire(standby)
         for proc in (self.current, self.parked):
             if proc is not None:
                 self._retire(proc)
@@ -575,6 +606,9 @@ class Controller:
         waiting for the fork (see :meth:`_born`)."""
         self._spawned += 1
         label = f"w{self._spawned}"
+        if self._zygote is None or not self._zygote.alive:
+            # First, so that it does not inherit this worker's descriptors.
+            self._start_zygote()
         fds: list[int] = []
         beacon: Beacon | None = None
         try:
@@ -585,8 +619,11 @@ class Controller:
             fault_fd = os.memfd_create(f"isolator-{label}-faults", os.MFD_CLOEXEC)
             fds.append(fault_fd)
             beacon = Beacon()
-            unborn = Unborn(label, read_fd, write_fd, go_read, go_write, fault_fd, beacon)
+            unborn = Unborn(
+                self._spawned, label, read_fd, write_fd, go_read, go_write, fault_fd, beacon
+            )
             unborn.zygote = self._ask_fork(unborn)
+            self._unborn.add(unborn)
         except BaseException:
             for fd in fds:
                 with contextlib.suppress(OSError):
@@ -604,7 +641,7 @@ class Controller:
             if zygote is None or not zygote.alive:
                 zygote = self._start_zygote()
             try:
-                zygote.ask_fork(unborn.label.encode(), unborn.given)
+                zygote.ask_fork(unborn.number, unborn.label.encode(), unborn.given)
                 return zygote
             except ZygoteGone:
                 # It died since the last worker (the OOM killer, say): once more.
@@ -612,17 +649,28 @@ class Controller:
         assert self._zygote is not None
         return self._zygote
 
-    def _born(self, unborn: Unborn) -> WorkerProcess:
-        """The worker ``unborn`` once the zygote has forked it."""
+    @overload
+    def _born(self, unborn: Unborn) -> WorkerProcess: ...
+    @overload
+    def _born(self, unborn: Unborn, again: bool) -> WorkerProcess | None: ...
+
+    def _born(self, unborn: Unborn, again: bool = True) -> WorkerProcess | None:
+        """The worker ``unborn`` once the zygote has forked it. If the zygote
+        died before it could, a new zygote is asked (unless not ``again``:
+        then None)."""
+        self._unborn.discard(unborn)
         stillborn: int | None = None
         try:
             zygote = unborn.zygote
             try:
-                pid = zygote.forked()
+                pid = zygote.forked(unborn.number)
             except ZygoteGone:
+                if not again:
+                    unborn.discard()
+                    return None
                 zygote = self._ask_fork(unborn)
                 try:
-                    pid = zygote.forked()
+                    pid = zygote.forked(unborn.number)
                 except ZygoteGone:
                     # Died as it started: whatever killed it (a fork hook of
                     # the tests', say) kills every worker as it starts, and
@@ -695,10 +743,17 @@ class Controller:
         # with SIGINT ignored (a background job of a shell script), and
         # the worker would inherit that.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # The zygote is forked while pytest runs the first item, inside its
+        # ``filterwarnings`` marks: without this every worker would inherit
+        # them, and a later test's warning would be an error, say.
+        if self._warnings_base is not None:
+            _restore_warnings_state(self._warnings_base)
+            _allow_fork_with_threads()
         worker.prepare(self.config, self.plugin)
         # Workers of an earlier zygote: holding their pipes would hide their end.
-        if self.standby is not None:
-            self.standby.discard()
+        # Descriptors of workers not yet forked: the zygote is handed its own.
+        for unborn in self._unborn:
+            unborn.discard()
         for other in (self.current, self.parked, *self.ending):
             if other is not None:
                 other.selector.close()
@@ -992,7 +1047,7 @@ class Controller:
         hint = ""
         if proc.killed_by_ceiling:
             hint = f"\n{WAYS_OUT}"
-        elif faults.killed_by(proc.wait_status) == signal.SIGKILL:
+        elif faults.killed_by(proc.wait_status) == signal.SIGKILL and not proc.zygote_ending():
             worker_memory = self.memory.workers.get(proc.label)
             if worker_memory is not None:
                 hint = (
@@ -1046,11 +1101,12 @@ class Controller:
             ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Unborn:
     """A worker asked of the zygote, before its fork is known to be done:
     the descriptors made for it, the worker's ends among them."""
 
+    number: int
     label: str
     read_fd: int
     write_fd: int

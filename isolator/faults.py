@@ -62,9 +62,11 @@ def how_it_ended(
     pipe_lost: bool = False,
     garbled: str | None = None,
     ceiling: str | None = None,
+    parent: str | None = None,
 ) -> Ending:
     """The one account of an abnormal end that both the failed test and the
-    worker table give, most telling cause first."""
+    worker table give, most telling cause first. ``parent``: how the zygote
+    ended, if it did (it takes its workers with it)."""
     if garbled is not None:
         return Ending(
             "sent garbage",
@@ -87,6 +89,8 @@ def how_it_ended(
     if ceiling is not None:
         # What the worker's memory cgroup saw (--worker-ceiling-kind=cgroup).
         return Ending("killed by the memory ceiling (cgroup)", ceiling)
+    if killed_by(wait_status) == signal.SIGKILL and parent is not None:
+        return Ending("died with the zygote", f"died with its parent, {parent}")
     if killed_by(wait_status) == signal.SIGKILL:
         return Ending("killed by SIGKILL (OOM killer?)", describe_status(wait_status))
     status = describe_status(wait_status)

@@ -76,13 +76,18 @@ class WorkerProcess:
         self.receiver = Receiver(read_fd)
         self.go_fd = go_fd
         self.fault_fd = fault_fd
-        self.selector = selectors.DefaultSelector()
         if stillborn_status is not None:
             self.pidfd = -1
+            self.selector = selectors.DefaultSelector()
             self.wait_status = stillborn_status
             self._close()
             return
         self.pidfd = os.pidfd_open(pid)
+        try:
+            self.selector = selectors.DefaultSelector()
+        except BaseException:
+            os.close(self.pidfd)
+            raise
         self.selector.register(read_fd, selectors.EVENT_READ, "pipe")
         self.selector.register(self.pidfd, selectors.EVENT_READ, "exit")
 
@@ -121,7 +126,15 @@ class WorkerProcess:
             pipe_lost=self.beacon.pipe_lost,
             garbled=self.garbled,
             ceiling=cgroup.describe() if cgroup is not None and self.killed_by_ceiling else None,
+            parent=self.zygote_ending(),
         )
+
+    def zygote_ending(self) -> str | None:
+        """How the zygote that forked this worker ended (PID and status), if it did."""
+        zygote = self.zygote
+        if zygote.alive or zygote.status is None:
+            return None
+        return f"the zygote (PID {zygote.pid}), which {faults.describe_status(zygote.status)}"
 
     def began(self, position: int | None) -> bool:
         """Whether the worker began the item at ``position`` in ``session.items``
@@ -207,7 +220,7 @@ class WorkerProcess:
 
     def _wait(self, block: bool) -> int | None:
         """Reap the worker: its wait status, or None if it still runs."""
-        if self.zygote.alive:
+        if self.zygote.alive or self.zygote.has_reaped(self.pid):
             with contextlib.suppress(ZygoteGone):
                 return self.zygote.wait(self.pid, self.pidfd, block)
         # Its zygote died (and the kernel killed the worker: its parent-death
@@ -238,6 +251,8 @@ class WorkerProcess:
     def _kill_group(self) -> None:
         # While the worker is unreaped its PID, and so its process group ID,
         # cannot be reused: this reaches only it and what it left behind.
+        if self.zygote.has_reaped(self.pid):
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
 

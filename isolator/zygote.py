@@ -28,25 +28,25 @@ the zygote.
 from __future__ import annotations
 
 import array
-import collections
 import contextlib
 import os
 import select
 import signal
 import socket
 import struct
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 _PR_SET_PDEATHSIG = 1
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 #: Requests: fork (with the worker's descriptors attached), wait, wait without blocking.
 _FORK = b"F"
 _WAIT = b"W"
 _POLL = b"P"
 _REQUEST = struct.Struct("<cq")
-#: Replies: a value (PID, wait status, or -1: still running) and an errno.
-_REPLY = struct.Struct("<qq")
+#: Replies: the request's kind, the PID (of the worker forked, or waited
+#: for), a wait status (-1: still running) and an errno.
+_REPLY = struct.Struct("<cqqq")
 _MAX_FDS = 16
 _MAX_PAYLOAD = 1 << 16
 
@@ -68,10 +68,13 @@ class Zygote:
         self.alive = True
         #: How it ended, once it has and was reaped.
         self.status: int | None = None
-        #: Forks asked for whose answer has not been read.
-        self._owed = 0
-        #: Answers to forks, read while waiting for another answer.
-        self._forks: collections.deque[tuple[int, int]] = collections.deque()
+        #: Answers to forks not yet taken, by the number they were asked
+        #: with: (PID, errno).
+        self._forks: dict[int, tuple[int, int]] = {}
+        #: Workers asked about whose answer has not been read.
+        self._asked: set[int] = set()
+        #: Wait statuses read and not yet taken, by PID (the zygote reaped them).
+        self._statuses: dict[int, int] = {}
 
     @classmethod
     def start(
@@ -115,69 +118,67 @@ class Zygote:
             os.setpgid(pid, pid)
         return cls(pid, ours)
 
-    def ask_fork(self, payload: bytes, fds: Sequence[int]) -> None:
-        """Ask for a new worker, without waiting: :meth:`forked` gives its
-        PID. ``fds`` are handed to it (they stay open here until then)."""
-        with _stop_signals_held():
-            self._send(_REQUEST.pack(_FORK, 0) + payload, fds)
-            self._owed += 1
+    # Every answer names what it answers and is recorded as soon as it is
+    # read, whoever asked: a KeyboardInterrupt anywhere in a question
+    # (delivered to any thread, so no signal mask keeps it out) leaves no
+    # answer to be taken for another's. Workers asked for by a question that
+    # was interrupted are ended by the zygote when it leaves.
 
-    def forked(self) -> int:
-        """The PID of the worker asked for first and not yet taken (blocks
-        until the zygote has forked it); OSError with the zygote's errno if
-        its fork failed."""
-        with _stop_signals_held():
-            if self._forks:
-                value, error = self._forks.popleft()
-            else:
-                value, error = self._reply()
-                self._owed -= 1
+    def ask_fork(self, number: int, payload: bytes, fds: Sequence[int]) -> None:
+        """Ask for new worker ``number``, without waiting: :meth:`forked`
+        gives its PID. ``fds`` are handed to it (they stay open here until then)."""
+        self._send(_REQUEST.pack(_FORK, number) + payload, fds)
+
+    def forked(self, number: int) -> int:
+        """The PID of worker ``number`` (blocks until the zygote has forked
+        it); OSError with the zygote's errno if its fork failed; ZygoteGone
+        if the zygote died before answering."""
+        while number not in self._forks:
+            self._read()
+        pid, error = self._forks.pop(number)
         if error:
             raise OSError(error, os.strerror(error))
-        return value
+        # A status kept for an earlier process with this PID is stale now.
+        self._statuses.pop(pid, None)
+        return pid
+
+    def has_reaped(self, pid: int) -> bool:
+        """The zygote reaped worker ``pid``: its PID may belong to another process now."""
+        return pid in self._statuses
 
     def wait(self, pid: int, pidfd: int, block: bool) -> int | None:
         """The wait status of worker ``pid``, reaping it; None if it is still
         running and ``block`` is False. ``pidfd`` says whether it ended
         without asking the zygote."""
-        if not block:
-            poller = select.poll()  # not select(): descriptors may pass 1024
-            poller.register(pidfd, select.POLLIN)
-            if not poller.poll(0):
+        if pid in self._statuses:
+            return self._statuses.pop(pid)
+        if not block and not _readable([pidfd]):
+            return None
+        for kind in (_WAIT if block else _POLL, _WAIT):
+            if pid not in self._asked:
+                self._send(_REQUEST.pack(kind, pid), ())
+                self._asked.add(pid)
+            while pid in self._asked:
+                self._read()
+            if pid in self._statuses:
+                return self._statuses.pop(pid)
+            if not block:
                 return None
-        with _stop_signals_held():
-            self._send(_REQUEST.pack(_WAIT if block else _POLL, pid), ())
-            # Answers come in order: those to forks asked for before, first.
-            while self._owed:
-                self._forks.append(self._reply())
-                self._owed -= 1
-            value, error = self._reply()
-        if error:
-            raise OSError(error, os.strerror(error))
-        return None if value < 0 else value
+            # An earlier question (interrupted) asked without blocking.
+        return None
 
     def reap_ended(self, workers: Sequence[tuple[int, int]]) -> dict[int, int]:
         """The wait status of each of ``workers`` (PID, pidfd) that has ended,
         reaping it: one wake-up of the zygote for all of them."""
-        poller = select.poll()
-        for _, pidfd in workers:
-            poller.register(pidfd, select.POLLIN)
-        ready = {fd for fd, _ in poller.poll(0)}
-        pids = [pid for pid, pidfd in workers if pidfd in ready]
-        statuses: dict[int, int] = {}
-        if not pids:
-            return statuses
-        with _stop_signals_held():
-            for pid in pids:
+        ready = _readable([pidfd for _, pidfd in workers])
+        pids = [pid for pid, pidfd in workers if pidfd in ready or pid in self._statuses]
+        for pid in pids:
+            if pid not in self._asked and pid not in self._statuses:
                 self._send(_REQUEST.pack(_POLL, pid), ())
-            while self._owed:
-                self._forks.append(self._reply())
-                self._owed -= 1
-            for pid in pids:
-                value, error = self._reply()
-                if not error and value >= 0:
-                    statuses[pid] = value
-        return statuses
+                self._asked.add(pid)
+        while self._asked.intersection(pids):
+            self._read()
+        return {pid: self._statuses.pop(pid) for pid in pids if pid in self._statuses}
 
     def _send(self, request: bytes, fds: Sequence[int]) -> None:
         if not self.alive:
@@ -191,30 +192,59 @@ class Zygote:
             self._gone()
             raise ZygoteGone(f"the zygote is gone: {exc}") from exc
 
-    def _reply(self) -> tuple[int, int]:
+    def _read(self, flags: int = 0) -> bool:
+        """Read one answer and record it; False if none was waiting (with
+        MSG_DONTWAIT in ``flags``)."""
         if not self.alive:
             raise ZygoteGone("the zygote is gone")
-        try:
-            reply = self._sock.recv(_REPLY.size)
-        except OSError as exc:
-            self._gone()
-            raise ZygoteGone(f"the zygote is gone: {exc}") from exc
-        if len(reply) != _REPLY.size:
-            self._gone()
-            raise ZygoteGone("the zygote is gone")
-        value, error = _REPLY.unpack(reply)
-        return value, error
+        # An answer read and then lost to a KeyboardInterrupt raised before
+        # it was recorded would leave the next question waiting for ever.
+        with _stop_signals_deferred():
+            try:
+                reply = self._sock.recv(_REPLY.size, flags)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                self._gone()
+                raise ZygoteGone(f"the zygote is gone: {exc}") from exc
+            if len(reply) != _REPLY.size:
+                self._gone()
+                raise ZygoteGone("the zygote is gone")
+            self._record(reply)
+        return True
+
+    def _record(self, reply: bytes) -> None:
+        kind, pid, status, error = _REPLY.unpack(reply)
+        if kind == _FORK:
+            self._forks[status] = (pid, error)  # ``status`` carries the number
+            return
+        self._asked.discard(pid)
+        if error:
+            # Not the zygote's child (any more: a question asked twice, the
+            # first interrupted, was answered the first time).
+            self._statuses.setdefault(pid, signal.SIGKILL)
+        elif status >= 0:
+            self._statuses[pid] = status
 
     def _gone(self) -> None:
-        """The zygote died: wait until it is reaped, which is when the kernel
-        has made its children (workers) ours, to be waited for here."""
+        """The zygote died: keep the answers it sent before it did, then wait
+        until it is reaped, which is when the kernel has made its children
+        (workers, killed with it) ours, to be waited for here."""
+        if self.alive:
+            with contextlib.suppress(OSError, ValueError, struct.error):
+                while True:
+                    reply = self._sock.recv(_REPLY.size, socket.MSG_DONTWAIT)
+                    if len(reply) != _REPLY.size:
+                        break
+                    self._record(reply)
         self.alive = False
+        self._asked.clear()
         self._sock.close()
         with contextlib.suppress(ChildProcessError):
             self.status = os.waitpid(self.pid, 0)[1]
 
     def close(self) -> None:
-        """Let the zygote leave (it has no workers left to wait for) and reap it."""
+        """Let the zygote leave (it ends and reaps any worker it still has) and reap it."""
         if self.alive:
             self.alive = False
             self._sock.close()  # end of file: the zygote leaves
@@ -234,15 +264,41 @@ class Zygote:
             self.close()
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def _stop_signals_held() -> Iterator[None]:
-    """Ctrl-C between a question and the reading of its answer would leave
-    the answer unread, and every later question would read the one before's."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+def _stop_signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then act as they
+    would have. (A signal mask would not do: the kernel may hand the signal
+    to another thread, and Python runs its handler in the main thread
+    anyway. Handlers can be swapped only in the main thread; elsewhere
+    nothing is deferred.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    # None: a handler not set from Python, which cannot be put back; left alone.
+    saved = {
+        stop: handler for stop in _STOP_SIGNALS if (handler := signal.getsignal(stop)) is not None
+    }
+    for stop in saved:
+        signal.signal(stop, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for stop, handler in saved.items():
+            signal.signal(stop, handler)
+        for signum in caught:
+            signal.raise_signal(signum)
+
+
+def _readable(fds: Sequence[int]) -> set[int]:
+    """Those of ``fds`` (pidfds) that are readable now: their process ended."""
+    poller = select.poll()  # not select(): descriptors may pass 1024
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return {fd for fd, _ in poller.poll(0)}
 
 
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
@@ -260,33 +316,50 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
 
 def _serve(sock: socket.socket, become: Become, after_fork: Callable[[], None]) -> None:
     """The zygote's loop, until the controller closes the socket."""
+    children: set[int] = set()
     while True:
         message, fds = _receive(sock)
         if not message:
+            _end_children(children)
             return
         kind, pid = _REQUEST.unpack_from(message)
-        value = error = 0
+        status = error = 0
         if kind == _FORK:
+            status = pid  # the number the worker was asked with, echoed
             try:
-                value = os.fork()
+                pid = os.fork()
             except OSError as exc:
                 error = exc.errno or 1
-            if value == 0 and not error:
+            if pid == 0 and not error:
                 sock.close()
                 become(message[_REQUEST.size :], fds)
             for fd in fds:
                 os.close(fd)
             if not error:
+                children.add(pid)
                 # Also done in the worker; whichever runs first wins the race
                 # with a kill of the group.
                 with contextlib.suppress(OSError):
-                    os.setpgid(value, value)
+                    os.setpgid(pid, pid)
                 after_fork()
         else:
             try:
-                got, value = os.waitpid(pid, os.WNOHANG if kind == _POLL else 0)
+                got, status = os.waitpid(pid, os.WNOHANG if kind == _POLL else 0)
                 if got == 0:
-                    value = -1
+                    status = -1
+                else:
+                    children.discard(pid)
             except ChildProcessError as exc:
                 error = exc.errno or 1
-        sock.send(_REPLY.pack(value, error))
+        sock.send(_REPLY.pack(kind, pid, status, error))
+
+
+def _end_children(children: set[int]) -> None:
+    """At the end: workers the controller never took (its question was
+    interrupted) are killed and reaped here, not left to it as zombies."""
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+    for pid in children:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)

@@ -55,3 +55,93 @@ def test_nothing_the_run_made_is_left_when_pytest_main_returns(
     assert left == []
     zombies = [child for child in psutil.Process().children() if child.pid not in before]
     assert zombies == []
+
+
+#: A thread of the pytest process (as pytest-rerunfailures' server, or
+#: execnet's receiver under xdist, are) presses Ctrl-C while the main thread
+#: is in its Nth exchange with the zygote: a signal mask cannot keep it out.
+CTRL_C_IN_EXCHANGE = """
+    import os, signal, sys, threading, time
+
+    NTH = {nth}
+    EXCHANGE = {{"_send", "_read", "forked", "wait", "reap_ended", "ask_fork"}}
+
+    def in_exchange(main):
+        frame = sys._current_frames().get(main)
+        while frame is not None:
+            if frame.f_code.co_name in EXCHANGE and "zygote" in frame.f_code.co_filename:
+                return True
+            frame = frame.f_back
+        return False
+
+    def press_ctrl_c():
+        main = threading.main_thread().ident
+        seen = 0
+        while True:
+            if in_exchange(main):
+                seen += 1
+                if seen == NTH:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return
+                while in_exchange(main):
+                    pass
+            time.sleep(0.0001)
+
+    def pytest_sessionstart(session):
+        threading.Thread(target=press_ctrl_c, daemon=True).start()
+"""
+
+
+@pytest.mark.parametrize("nth", [3, 10, 25, 40])
+def test_ctrl_c_during_an_exchange_with_the_zygote_stops_the_run_cleanly(
+    pytester: pytest.Pytester, nth: int
+) -> None:
+    pytester.makeconftest(CTRL_C_IN_EXCHANGE.format(nth=nth))
+    pytester.makepyfile(
+        test_many="import time\n\n"
+        + "".join(f"def test_{i}():\n    time.sleep(0.005)\n\n" for i in range(150))
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "isolator", "--isolate=test", "-p", "no:cacheprovider", timeout=60
+    )
+    output = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in output
+    assert "Traceback" not in output
+    # Interrupted, or (if the Nth exchange came after the last test) done.
+    assert result.ret in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.OK), output
+
+
+FIRST_MARKED_ERROR = """
+    import warnings
+    import pytest
+
+    @pytest.mark.filterwarnings("error")
+    def test_first():
+        pass
+
+    def test_second():
+        pass
+
+    def test_third():
+        warnings.warn("harmless", UserWarning)
+"""
+
+
+@pytest.mark.parametrize("mode", ["module", "test"])
+def test_the_first_tests_warning_filters_are_its_own(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, mode: str
+) -> None:
+    """The zygote is forked while pytest runs the first test, inside its
+    ``filterwarnings`` marks; its workers must not inherit them."""
+    pytester.makepyfile(test_w=FIRST_MARKED_ERROR)
+    result = isolated.run(mode, "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, warnings=1)
+
+
+def test_nothing_is_left_after_the_zygote_died(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_parent=KILLS_ITS_PARENT, test_z="def test_z(): pass\n")
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    result = pytester.runpytest_inprocess("-p", "isolator", "--isolate=test")
+    result.assert_outcomes(passed=2, failed=1)
+    left = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
+    assert left == []
