@@ -34,6 +34,7 @@ import select
 import signal
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
@@ -290,7 +291,14 @@ def _stop_signals_deferred() -> Iterator[None]:
         for stop, handler in saved.items():
             signal.signal(stop, handler)
         for signum in caught:
-            signal.raise_signal(signum)
+            # Called here rather than raised again: a signal raised again is
+            # handled at the caller's next check, which may be an instruction
+            # with no line number, and pytest cannot show such a traceback.
+            handler = saved[signal.Signals(signum)]
+            if callable(handler):
+                handler(signum, sys._getframe())
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _readable(fds: Sequence[int]) -> set[int]:
