@@ -257,13 +257,6 @@ class Zygote:
         self.alive = False
         self._sock.close()
 
-    def stop(self) -> None:
-        """End the zygote now, without waiting (this process is leaving)."""
-        if self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            self.close()
-
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
