@@ -437,6 +437,10 @@ class Controller:
             workers.update(p.pid for p in self.ending)
             if self._zygote is not None:
                 workers.add(self._zygote.pid)
+            # Forked, and their PIDs known, but not yet taken: the zygote
+            # that forked them may be dead, but they are workers, not leftovers.
+            for unborn in self._unborn:
+                workers.update(unborn.zygote.untaken())
             roots = [
                 pid
                 for pid in leftovers.children()
@@ -776,6 +780,9 @@ class Controller:
         sender = Sender(write_fd, on_lost=lost_pipe)
         session = self.session
         try:
+            if self._forks is not None:
+                # Before its parent-death signal can kill it (see enrol).
+                self._forks.enrol(label)
             beacon = Beacon(beacon_fd)
             beacon.release_fd()
             signal.pthread_sigmask(signal.SIG_SETMASK, self._worker_sigmask)
@@ -797,7 +804,7 @@ class Controller:
             # tell its leftovers from anyone else's.
             os.environ[leftovers.TAG] = f"{self._token} {label}"
             if self._forks is not None:
-                self._forks.watch_forks(label)
+                self._forks.watch_forks()
             self.plugin.beacon = beacon
             faulthandler.enable(file=fault_fd, all_threads=True)
             self.plugin.sender = sender

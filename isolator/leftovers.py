@@ -150,9 +150,16 @@ class ForkRegistry:
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_APPEND)
         self.label = ""
 
-    def watch_forks(self, label: str) -> None:
-        """In worker ``label``: have every Python fork below it register itself."""
+    def enrol(self, label: str) -> None:
+        """In worker ``label``, first thing after its fork: register the
+        worker itself. If the zygote dies before it can tell the controller
+        this worker's PID, the worker (killed with it) is the controller's
+        child, and this is how the controller tells it from anyone else's."""
         self.label = label
+        self._register()
+
+    def watch_forks(self) -> None:
+        """In a worker (enrolled): have every Python fork below it register itself."""
         os.register_at_fork(after_in_child=self._register)
 
     def _register(self) -> None:

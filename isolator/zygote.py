@@ -143,6 +143,10 @@ class Zygote:
         self._statuses.pop(pid, None)
         return pid
 
+    def untaken(self) -> set[int]:
+        """PIDs of the workers it forked whose answers were read but not yet taken."""
+        return {pid for pid, error in self._forks.values() if not error}
+
     def has_reaped(self, pid: int) -> bool:
         """The zygote reaped worker ``pid``: its PID may belong to another process now."""
         return pid in self._statuses

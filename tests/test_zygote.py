@@ -145,3 +145,40 @@ def test_nothing_is_left_after_the_zygote_died(pytester: pytest.Pytester) -> Non
     result.assert_outcomes(passed=2, failed=1)
     left = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
     assert left == []
+
+
+#: The zygote dies right after forking the second worker, before it can say
+#: which PID that worker has (a fork hook of the tests' runs in the zygote).
+DIES_AFTER_ITS_SECOND_FORK = """
+    import os, signal
+
+    CONTROLLER = os.getpid()
+    MARK = os.path.join(os.path.dirname(__file__), "zygote-killed")
+    forks = []
+
+    def after_in_parent():
+        if os.getpid() == CONTROLLER:
+            return
+        forks.append(None)
+        if len(forks) == 2 and not os.path.exists(MARK):
+            open(MARK, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.register_at_fork(after_in_parent=after_in_parent)
+"""
+
+
+def test_a_worker_forked_as_the_zygote_died_is_not_left(pytester: pytest.Pytester) -> None:
+    """Its PID never reached the controller, which the kernel made its parent:
+    it must still be told from other processes, and reaped."""
+    pytester.makeconftest(DIES_AFTER_ITS_SECOND_FORK)
+    pytester.makepyfile(test_few="".join(f"def test_{i}():\n    pass\n\n" for i in range(3)))
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    result = pytester.runpytest_inprocess("-p", "isolator", "--isolate=test")
+    assert (pytester.path / "zygote-killed").exists()
+    # The test running when the zygote died may have died with it.
+    outcomes = result.parseoutcomes()
+    verdicts = sum(outcomes.get(kind, 0) for kind in ("passed", "failed", "errors"))
+    assert verdicts == 3, outcomes
+    left = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
+    assert left == []
