@@ -188,6 +188,8 @@ class Controller:
         self._zygote: Zygote | None = None
         #: Workers asked of the zygote and not yet taken.
         self._unborn: set[Unborn] = set()
+        #: Workers taken, until known to be reaped (pruned when looked at).
+        self._taken: list[WorkerProcess] = []
         #: The warnings filters and hooks as they were before any test ran.
         self._warnings_base: tuple[list[Any], object, object] | None = None
         #: In the zygote and its workers: the zygote's PID.
@@ -433,20 +435,15 @@ class Controller:
         blame: dict[int, str] = {}
 
         def find() -> list[int]:
-            workers = {p.pid for p in (self.current, self.parked) if p is not None}
-            workers.update(p.pid for p in self.ending)
-            if self._zygote is not None:
-                workers.add(self._zygote.pid)
-            # Forked, and their PIDs known, but not yet taken: the zygote
-            # that forked them may be dead, but they are workers, not leftovers.
-            for unborn in self._unborn:
-                workers.update(unborn.zygote.untaken())
+            workers = self._known_workers()
             roots = [
                 pid
                 for pid in leftovers.children()
                 if pid not in workers and self._worker_that_started(pid, blame)
             ]
             return leftovers.descendants(roots) if roots else []
+
+        self._end_lost_workers()
 
         ended = leftovers.end(find, lambda pid, process: leftovers.test_from_environ(process))
         by_worker: dict[str, list[leftovers.Leftover]] = {}
@@ -455,14 +452,47 @@ class Controller:
             by_worker.setdefault(self.memory.name(label), []).append(gone)
         self.leftovers.extend(by_worker.items())
 
+    def _known_workers(self) -> set[int]:
+        """PIDs of the zygotes and of the workers whose PIDs this process
+        knows and has not reaped (whoever forked them: a worker whose zygote
+        died is this process's child now)."""
+        self._taken = [proc for proc in self._taken if not proc.exited]
+        known = {proc.pid for proc in self._taken}
+        if self._zygote is not None:
+            known.add(self._zygote.pid)
+        # Forked, and the answer read, but not yet taken.
+        for unborn in self._unborn:
+            known.update(unborn.zygote.untaken())
+        return known
+
+    def _end_lost_workers(self) -> None:
+        """Kill and reap the workers a zygote forked and died before naming:
+        the kernel made them this process's children. They were never given
+        a test (their PIDs were not known), so they are not reported."""
+        assert self._forks is not None
+        known = self._known_workers()
+        for pid in leftovers.children():
+            if pid in known:
+                continue
+            found = self._forks.lookup(pid)
+            if found is None or not found.worker:
+                continue
+            # Safe by PID: an unreaped child's PID cannot be reused.
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
     def _worker_that_started(self, pid: int, blame: dict[int, str]) -> bool:
         assert self._forks is not None
         found = leftovers.process(pid)
         tag = leftovers.environ_of(found).get(leftovers.TAG, "") if found is not None else ""
         label = tag.split(" ", 1)[1] if tag.startswith(f"{self._token} ") else None
-        label = label or self._forks.worker_of(pid)
         if label is None:
-            return False
+            registered = self._forks.lookup(pid)
+            if registered is None or registered.worker:
+                return False
+            label = registered.label
         blame[pid] = label
         return True
 
@@ -695,6 +725,9 @@ class Controller:
         except BaseException:
             unborn.discard()
             raise
+        if len(self._taken) >= 64:
+            self._taken = [taken for taken in self._taken if not taken.exited]
+        self._taken.append(proc)
         if self.cgroups is not None:
             proc.cgroup = self.cgroups.for_worker(unborn.label)
         return proc

@@ -27,7 +27,7 @@ import select
 import signal
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     # Imported where used: it costs ~15 ms, and a run that isolates nothing
@@ -134,6 +134,19 @@ def started_at(pid: int) -> float | None:
     return None if stat is None else stat[1] / _CLOCK_TICKS
 
 
+_WORKER = "worker"
+_BELOW = "below"
+
+
+class Registered(NamedTuple):
+    """A process in the fork registry."""
+
+    #: The worker it is, or was forked below.
+    label: str
+    #: It is that worker itself, not a process forked below it.
+    worker: bool
+
+
 class ForkRegistry:
     """Where Python forks below the workers write who they are.
 
@@ -156,22 +169,22 @@ class ForkRegistry:
         this worker's PID, the worker (killed with it) is the controller's
         child, and this is how the controller tells it from anyone else's."""
         self.label = label
-        self._register()
+        self._register(_WORKER)
 
     def watch_forks(self) -> None:
         """In a worker (enrolled): have every Python fork below it register itself."""
         os.register_at_fork(after_in_child=self._register)
 
-    def _register(self) -> None:
+    def _register(self, kind: str = _BELOW) -> None:
         pid = os.getpid()
         stat = _stat(pid)
         if stat is not None:
             with contextlib.suppress(OSError):
-                os.write(self.fd, f"{pid} {stat[1]} {self.label}\n".encode())
+                os.write(self.fd, f"{pid} {stat[1]} {kind} {self.label}\n".encode())
 
-    def worker_of(self, pid: int) -> str | None:
-        """The worker below which ``pid`` was forked, if it registered (and
-        is not another process that reused its PID)."""
+    def lookup(self, pid: int) -> Registered | None:
+        """What ``pid`` registered as, if it did (and is not another process
+        that reused its PID)."""
         stat = _stat(pid)
         if stat is None:
             return None
@@ -183,7 +196,8 @@ class ForkRegistry:
         prefix = f"{pid} {stat[1]} ".encode()
         for line in text.splitlines():
             if line.startswith(prefix):
-                return line[len(prefix) :].decode()
+                kind, _, label = line[len(prefix) :].decode().partition(" ")
+                return Registered(label, kind == _WORKER)
         return None
 
     def close(self) -> None:

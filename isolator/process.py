@@ -16,6 +16,7 @@ import selectors
 import signal
 import time
 from collections.abc import Callable
+from typing import Literal, overload
 
 import pytest
 
@@ -197,10 +198,9 @@ class WorkerProcess:
         """Collect the exit status of a worker known to have ended."""
         self.receiver.drain()
         self._kill_group()
-        self.wait_status = self._wait(block=True)
+        status = self._wait(block=True)
         self.fault_stacks = self._read_fault_stacks()
-        self._close()
-        self._end_cgroup()
+        self.reaped(status)
 
     def try_reap(self) -> bool:
         """Reap the worker if it has exited; never blocks."""
@@ -217,6 +217,11 @@ class WorkerProcess:
         self.wait_status = status
         self._close()
         self._end_cgroup()
+
+    @overload
+    def _wait(self, block: Literal[True]) -> int: ...
+    @overload
+    def _wait(self, block: bool) -> int | None: ...
 
     def _wait(self, block: bool) -> int | None:
         """Reap the worker: its wait status, or None if it still runs."""
