@@ -474,14 +474,23 @@ class Controller:
         for pid in leftovers.children():
             if pid in known:
                 continue
-            found = self._forks.lookup(pid)
-            if found is None or not found.worker:
+            # Held by a pidfd opened before it is looked up: were the PID
+            # reaped by someone else and reused meanwhile, the lookup (by PID
+            # and start time) would not match, and the pidfd reaches only
+            # the process looked up.
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
                 continue
-            # Safe by PID: an unreaped child's PID cannot be reused.
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+            try:
+                found = self._forks.lookup(pid)
+                if found is not None and found.worker:
+                    with contextlib.suppress(OSError):
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+            finally:
+                os.close(pidfd)
 
     def _worker_that_started(self, pid: int, blame: dict[int, str]) -> bool:
         assert self._forks is not None
@@ -755,6 +764,7 @@ class Controller:
         try:
             self._zygote = Zygote.start(
                 become=self._become_worker,
+                enrol=self._enrol_worker,
                 prepare=self._become_zygote,
                 after_fork=lambda: compat.clear_inherited_queues(self.config),
                 prctl=self._prctl,
@@ -801,6 +811,13 @@ class Controller:
         if self._zygote is not None:
             self._zygote.forget()
 
+    def _enrol_worker(self, payload: bytes) -> None:
+        """In a worker the zygote just forked, first thing: if the zygote
+        dies before telling this process the worker's PID, the registry
+        tells it (see ``leftovers.ForkRegistry.enrol``)."""
+        if self._forks is not None:
+            self._forks.enrol(payload.decode())
+
     def _become_worker(self, payload: bytes, fds: list[int]) -> NoReturn:
         """In a worker the zygote just forked: run the unit it is given."""
         label = payload.decode()
@@ -813,9 +830,6 @@ class Controller:
         sender = Sender(write_fd, on_lost=lost_pipe)
         session = self.session
         try:
-            if self._forks is not None:
-                # Before its parent-death signal can kill it (see enrol).
-                self._forks.enrol(label)
             beacon = Beacon(beacon_fd)
             beacon.release_fd()
             signal.pthread_sigmask(signal.SIG_SETMASK, self._worker_sigmask)

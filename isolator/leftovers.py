@@ -162,6 +162,10 @@ class ForkRegistry:
 
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_APPEND)
         self.label = ""
+        #: What was read of the registry so far (every worker adds a line:
+        #: each lookup reads only what was added since), by (PID, start time).
+        self._read: dict[tuple[int, int], Registered] = {}
+        self._offset = 0
 
     def enrol(self, label: str) -> None:
         """In worker ``label``, first thing after its fork: register the
@@ -188,17 +192,23 @@ class ForkRegistry:
         stat = _stat(pid)
         if stat is None:
             return None
+        self._read_new()
+        return self._read.get((pid, stat[1]))
+
+    def _read_new(self) -> None:
         try:
             size = os.fstat(self.fd).st_size
-            text = os.pread(self.fd, size, 0) if size else b""
+            text = os.pread(self.fd, size - self._offset, self._offset) if size else b""
         except OSError:
-            return None
-        prefix = f"{pid} {stat[1]} ".encode()
-        for line in text.splitlines():
-            if line.startswith(prefix):
-                kind, _, label = line[len(prefix) :].decode().partition(" ")
-                return Registered(label, kind == _WORKER)
-        return None
+            return
+        # Only whole lines: one being written may show only in part.
+        text = text[: text.rfind(b"\n") + 1]
+        self._offset += len(text)
+        for line in text.decode(errors="replace").splitlines():
+            fields = line.split(" ", 3)
+            if len(fields) == 4 and fields[0].isdigit() and fields[1].isdigit():
+                pid, start, kind, label = fields
+                self._read[int(pid), int(start)] = Registered(label, kind == _WORKER)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

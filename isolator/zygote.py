@@ -37,7 +37,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import NoReturn
+from typing import Literal, NoReturn, overload
 
 _PR_SET_PDEATHSIG = 1
 #: Requests: fork (with the worker's descriptors attached), wait, wait without blocking.
@@ -58,6 +58,8 @@ class ZygoteGone(OSError):
 
 #: In a worker: ``become(payload, fds)``, which never returns.
 Become = Callable[[bytes, list[int]], NoReturn]
+#: In a worker, first: ``enrol(payload)`` (see :meth:`Zygote.start`).
+Enrol = Callable[[bytes], None]
 
 
 class Zygote:
@@ -81,15 +83,19 @@ class Zygote:
     def start(
         cls,
         become: Become,
+        enrol: Enrol,
         prepare: Callable[[], None],
         after_fork: Callable[[], None],
         prctl: Callable[..., int] | None,
     ) -> Zygote:
         """Fork the zygote from this process. In the zygote, ``prepare``
         runs once; after each fork ``after_fork`` runs in the zygote and
-        ``become`` in the worker. The caller blocks SIGINT and SIGTERM
-        around this call (the zygote keeps them blocked for life: a Ctrl-C
-        is the controller's to handle)."""
+        ``enrol``, then ``become``, in the worker. ``enrol`` runs while the
+        worker still holds the zygote's socket: the controller learns that
+        the zygote died (end of file) only once every worker it forked has
+        enrolled. The caller blocks SIGINT and SIGTERM around this call (the
+        zygote keeps them blocked for life: a Ctrl-C is the controller's to
+        handle)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         controller = os.getpid()
         try:
@@ -110,7 +116,7 @@ class Zygote:
                 if os.getppid() != controller:
                     os._exit(1)  # the controller died before we could follow it
                 prepare()
-                _serve(theirs, become, after_fork)
+                _serve(theirs, become, enrol, after_fork)
                 code = 0
             finally:
                 os._exit(code)
@@ -151,6 +157,11 @@ class Zygote:
         """The zygote reaped worker ``pid``: its PID may belong to another process now."""
         return pid in self._statuses
 
+    @overload
+    def wait(self, pid: int, pidfd: int, block: Literal[True]) -> int: ...
+    @overload
+    def wait(self, pid: int, pidfd: int, block: bool) -> int | None: ...
+
     def wait(self, pid: int, pidfd: int, block: bool) -> int | None:
         """The wait status of worker ``pid``, reaping it; None if it is still
         running and ``block`` is False. ``pidfd`` says whether it ended
@@ -159,7 +170,8 @@ class Zygote:
             return self._statuses.pop(pid)
         if not block and not _readable([pidfd]):
             return None
-        for kind in (_WAIT if block else _POLL, _WAIT):
+        kind = _WAIT if block else _POLL
+        while True:
             if pid not in self._asked:
                 self._send(_REQUEST.pack(kind, pid), ())
                 self._asked.add(pid)
@@ -169,8 +181,9 @@ class Zygote:
                 return self._statuses.pop(pid)
             if not block:
                 return None
-            # An earlier question (interrupted) asked without blocking.
-        return None
+            # What came was the answer to an earlier question (interrupted)
+            # that asked without blocking: ask again, blocking.
+            kind = _WAIT
 
     def reap_ended(self, workers: Sequence[tuple[int, int]]) -> dict[int, int]:
         """The wait status of each of ``workers`` (PID, pidfd) that has ended,
@@ -319,7 +332,9 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     return message, list(fds)
 
 
-def _serve(sock: socket.socket, become: Become, after_fork: Callable[[], None]) -> None:
+def _serve(
+    sock: socket.socket, become: Become, enrol: Enrol, after_fork: Callable[[], None]
+) -> None:
     """The zygote's loop, until the controller closes the socket."""
     children: set[int] = set()
     while True:
@@ -336,6 +351,7 @@ def _serve(sock: socket.socket, become: Become, after_fork: Callable[[], None]) 
             except OSError as exc:
                 error = exc.errno or 1
             if pid == 0 and not error:
+                enrol(message[_REQUEST.size :])
                 sock.close()
                 become(message[_REQUEST.size :], fds)
             for fd in fds:

@@ -3,6 +3,8 @@ test alone, and nothing the run made outlives it."""
 
 from __future__ import annotations
 
+import textwrap
+
 import psutil
 import pytest
 
@@ -167,18 +169,44 @@ DIES_AFTER_ITS_SECOND_FORK = """
     os.register_at_fork(after_in_parent=after_in_parent)
 """
 
+#: ... and that worker is slow to write itself into the fork registry (a
+#: loaded machine), which must not let the run end before it did.
+SLOW_TO_ENROL = """
+    import time
+    from isolator import leftovers
 
-def test_a_worker_forked_as_the_zygote_died_is_not_left(pytester: pytest.Pytester) -> None:
+    enrol = leftovers.ForkRegistry.enrol
+
+    def slow_enrol(self, label):
+        if len(forks) == 1 and not os.path.exists(MARK + "-slow"):
+            open(MARK + "-slow", "w").close()
+            time.sleep(0.3)
+        enrol(self, label)
+
+    leftovers.ForkRegistry.enrol = slow_enrol
+"""
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["", "slow to enrol"])
+@pytest.mark.parametrize("args", [[], ["-x"]], ids=["", "-x"])
+def test_a_worker_forked_as_the_zygote_died_is_not_left(
+    pytester: pytest.Pytester, slow: bool, args: list[str]
+) -> None:
     """Its PID never reached the controller, which the kernel made its parent:
     it must still be told from other processes, and reaped."""
-    pytester.makeconftest(DIES_AFTER_ITS_SECOND_FORK)
+    conftest = textwrap.dedent(DIES_AFTER_ITS_SECOND_FORK)
+    if slow:
+        conftest += textwrap.dedent(SLOW_TO_ENROL)
+    pytester.makeconftest(conftest)
     pytester.makepyfile(test_few="".join(f"def test_{i}():\n    pass\n\n" for i in range(3)))
     before = {child.pid for child in psutil.Process().children(recursive=True)}
-    result = pytester.runpytest_inprocess("-p", "isolator", "--isolate=test")
+    result = pytester.runpytest_inprocess("-p", "isolator", "--isolate=test", *args)
     assert (pytester.path / "zygote-killed").exists()
-    # The test running when the zygote died may have died with it.
+    # The test running when the zygote died may have died with it (and
+    # then -x stops the run).
     reports = result.reprec.getreports("pytest_runtest_logreport")  # type: ignore[attr-defined]
-    assert len({report.nodeid for report in reports}) == 3
+    ran = {report.nodeid for report in reports}
+    assert len(ran) == 3 or (args and result.ret == pytest.ExitCode.TESTS_FAILED)
     # The lost worker is no process a test left running.
     assert "left running" not in result.stdout.str()
     left = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
