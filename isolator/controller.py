@@ -456,7 +456,7 @@ class Controller:
         """PIDs of the zygotes and of the workers whose PIDs this process
         knows and has not reaped (whoever forked them: a worker whose zygote
         died is this process's child now)."""
-        self._taken = [proc for proc in self._taken if not proc.exited]
+        self._forget_reaped()
         known = {proc.pid for proc in self._taken}
         if self._zygote is not None:
             known.add(self._zygote.pid)
@@ -464,6 +464,9 @@ class Controller:
         for unborn in self._unborn:
             known.update(unborn.zygote.untaken())
         return known
+
+    def _forget_reaped(self) -> None:
+        self._taken = [proc for proc in self._taken if not proc.exited]
 
     def _end_lost_workers(self) -> None:
         """Kill and reap the workers a zygote forked and died before naming:
@@ -735,7 +738,7 @@ class Controller:
             unborn.discard()
             raise
         if len(self._taken) >= 64:
-            self._taken = [taken for taken in self._taken if not taken.exited]
+            self._forget_reaped()
         self._taken.append(proc)
         if self.cgroups is not None:
             proc.cgroup = self.cgroups.for_worker(unborn.label)
