@@ -49,6 +49,9 @@ _REQUEST = struct.Struct("<cq")
 #: for), a wait status (-1: still running) and an errno.
 _REPLY = struct.Struct("<cqqq")
 _MAX_FDS = 16
+#: How long a worker forked just before its zygote died may take to enrol
+#: (see :meth:`Zygote._wait_readable`).
+ENROL_WAIT_S = 5
 _MAX_PAYLOAD = 1 << 16
 
 
@@ -69,6 +72,10 @@ class Zygote:
         self.pid = pid
         self._sock = sock
         self.alive = True
+        #: Readable once the zygote has ended (None where pidfds are not to be had).
+        self._pidfd: int | None = None
+        with contextlib.suppress(OSError, AttributeError):
+            self._pidfd = os.pidfd_open(pid)
         #: How it ended, once it has and was reaped.
         self.status: int | None = None
         #: Answers to forks not yet taken, by the number they were asked
@@ -215,6 +222,8 @@ class Zygote:
         MSG_DONTWAIT in ``flags``)."""
         if not self.alive:
             raise ZygoteGone("the zygote is gone")
+        if not flags & socket.MSG_DONTWAIT:
+            self._wait_readable()
         # An answer read and then lost to a KeyboardInterrupt raised before
         # it was recorded would leave the next question waiting for ever.
         with _stop_signals_deferred():
@@ -230,6 +239,28 @@ class Zygote:
                 raise ZygoteGone("the zygote is gone")
             self._record(reply)
         return True
+
+    def _wait_readable(self) -> None:
+        """Wait until an answer (or the end of file) can be read. The end of
+        file comes once no process holds the zygote's end of the socket, and
+        a worker it just forked holds it until it has enrolled: if the zygote
+        died, such a worker gets :data:`ENROL_WAIT_S` to let go, and if it
+        does not (stuck in a fork hook of the tests'), the zygote counts as
+        gone without it, rather than the run waiting for ever."""
+        if self._pidfd is None:
+            return
+        poller = select.poll()  # not select(): descriptors may pass 1024
+        poller.register(self._sock, select.POLLIN)
+        poller.register(self._pidfd, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll()}
+        if self._sock.fileno() in ready:
+            return
+        poller.unregister(self._pidfd)
+        if not poller.poll(ENROL_WAIT_S * 1000):
+            self._gone()
+            raise ZygoteGone(
+                "the zygote is gone, and a worker it forked is stuck before it could start"
+            )
 
     def _record(self, reply: bytes) -> None:
         kind, pid, status, error = _REPLY.unpack(reply)
@@ -258,14 +289,21 @@ class Zygote:
         self.alive = False
         self._asked.clear()
         self._sock.close()
+        self._close_pidfd()
         with contextlib.suppress(ChildProcessError):
             self.status = os.waitpid(self.pid, 0)[1]
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
     def close(self) -> None:
         """Let the zygote leave (it ends and reaps any worker it still has) and reap it."""
         if self.alive:
             self.alive = False
             self._sock.close()  # end of file: the zygote leaves
+            self._close_pidfd()
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
 
@@ -273,6 +311,7 @@ class Zygote:
         """In a process forked from this one: let go of the socket."""
         self.alive = False
         self._sock.close()
+        self._close_pidfd()
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -3,6 +3,7 @@ test alone, and nothing the run made outlives it."""
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import psutil
@@ -211,3 +212,44 @@ def test_a_worker_forked_as_the_zygote_died_is_not_left(
     assert "left running" not in result.stdout.str()
     left = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
     assert left == []
+
+
+#: As DIES_AFTER_ITS_SECOND_FORK, and that second worker is stuck in a fork
+#: hook of the tests' (so it still holds the zygote's socket) until the
+#: outer test lets it go.
+STUCK_IN_A_FORK_HOOK = """
+    import time
+
+    RELEASE = os.path.join(os.path.dirname(__file__), "release")
+
+    def after_in_child():
+        # The zygote's second child (the zygote counts its forks; the
+        # pytest process does not).
+        if len(forks) == 1 and not os.path.exists(MARK + "-stuck"):
+            open(MARK + "-stuck", "w").close()
+            while not os.path.exists(RELEASE):
+                time.sleep(0.05)
+
+    os.register_at_fork(after_in_child=after_in_child)
+"""
+
+
+def test_a_worker_stuck_as_its_zygote_died_does_not_hang_the_run(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(
+        textwrap.dedent(DIES_AFTER_ITS_SECOND_FORK) + textwrap.dedent(STUCK_IN_A_FORK_HOOK)
+    )
+    pytester.makepyfile(test_few="".join(f"def test_{i}():\n    pass\n\n" for i in range(3)))
+    try:
+        result = pytester.runpytest_subprocess(
+            "-p", "isolator", "--isolate=test", "-rA", timeout=60
+        )
+    finally:
+        (pytester.path / "release").touch()
+    assert (pytester.path / "zygote-killed-stuck").exists()
+    output = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in output
+    # The test running when the zygote died may have died with it.
+    for i in range(3):
+        assert re.search(rf"^(PASSED|FAILED|ERROR) test_few.py::test_{i}\b", output, re.M), output
