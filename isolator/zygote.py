@@ -256,7 +256,14 @@ class Zygote:
         if self._sock.fileno() in ready:
             return
         poller.unregister(self._pidfd)
-        if not poller.poll(ENROL_WAIT_S * 1000):
+        try:
+            waited = poller.poll(ENROL_WAIT_S * 1000)
+        except BaseException:
+            # Ctrl-C: the zygote is dead all the same, and shutting down
+            # must not ask it (and wait) again.
+            self._gone()
+            raise
+        if not waited:
             self._gone()
             raise ZygoteGone(
                 "the zygote is gone, and a worker it forked is stuck before it could start"
