@@ -249,15 +249,11 @@ class Zygote:
         gone without it, rather than the run waiting for ever."""
         if self._pidfd is None:
             return
-        poller = select.poll()  # not select(): descriptors may pass 1024
-        poller.register(self._sock, select.POLLIN)
-        poller.register(self._pidfd, select.POLLIN)
-        ready = {fd for fd, _ in poller.poll()}
-        if self._sock.fileno() in ready:
+        sock = self._sock.fileno()
+        if sock in _readable([sock, self._pidfd], timeout_s=None):
             return
-        poller.unregister(self._pidfd)
         try:
-            waited = poller.poll(ENROL_WAIT_S * 1000)
+            waited = _readable([sock], timeout_s=ENROL_WAIT_S)
         except BaseException:
             # Ctrl-C: the zygote is dead all the same, and shutting down
             # must not ask it (and wait) again.
@@ -357,12 +353,13 @@ def _stop_signals_deferred() -> Iterator[None]:
                 signal.raise_signal(signum)
 
 
-def _readable(fds: Sequence[int]) -> set[int]:
-    """Those of ``fds`` (pidfds) that are readable now: their process ended."""
+def _readable(fds: Sequence[int], timeout_s: float | None = 0) -> set[int]:
+    """Those of ``fds`` that are readable (a pidfd: its process ended) now,
+    or once one is, waiting up to ``timeout_s`` (None: for as long as it takes)."""
     poller = select.poll()  # not select(): descriptors may pass 1024
     for fd in fds:
         poller.register(fd, select.POLLIN)
-    return {fd for fd, _ in poller.poll(0)}
+    return {fd for fd, _ in poller.poll(None if timeout_s is None else timeout_s * 1000)}
 
 
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
