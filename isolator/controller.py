@@ -164,6 +164,8 @@ class Controller:
         self.interrupted = False
         #: What each test needed last run, and why there is no such history.
         self.history, self.history_note = history.load(config)
+        #: One-line notices for the start of the run: what cannot work here.
+        self.notes: list[str] = []
         #: Which tests share a worker, what it enforces, when it may start.
         self.schedule = Schedule(
             settings, self.memory, feeding=hasattr(config, "workerinput"), history=self.history
@@ -274,14 +276,16 @@ class Controller:
     @pytest.hookimpl(trylast=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self._warnings_base = _warnings_state()
+        notes = list(self.notes)
         if self.history_note and self.settings.mode == "auto":
             # Said up front: without history, auto is shared.
-            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-            line = f"isolator: {self.history_note}; --isolate=auto runs as --isolate=shared"
+            notes.append(f"{self.history_note}; --isolate=auto runs as --isolate=shared")
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        for note in notes:
             if reporter is not None:
-                reporter.write_line(line)
+                reporter.write_line(f"isolator: {note}")
             else:
-                sys.stderr.write(line + "\n")
+                sys.stderr.write(f"isolator: {note}\n")
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: object) -> None:

@@ -10,6 +10,7 @@ import argparse
 import functools
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +23,13 @@ from isolator.settings import add_options, load_settings
 from isolator.worker import WorkerPlugin
 
 controller_key = pytest.StashKey[Controller]()
+
+#: Said at start-up when pytest was started outside the main thread (an
+#: execnet socket server, an IDE or a tool calling pytest.main() from a thread).
+OFF_MAIN_THREAD = (
+    "pytest runs outside the main thread here, where Python cannot catch SIGTERM: a SIGTERM "
+    "would end the run unreported, and processes the tests started could outlive it"
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -82,8 +90,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # SIGTERM ends the run the way Ctrl-C does, so that workers are stopped
     # and what finished is reported; left alone if someone else handles it.
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-        config.add_cleanup(_restore_sigterm)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+            config.add_cleanup(_restore_sigterm)
+        else:
+            controller.notes.append(OFF_MAIN_THREAD)
 
 
 @pytest.fixture

@@ -414,6 +414,67 @@ def test_interrupt_stops_workers_reports_what_finished_and_tears_down(
     assert _wait_until_gone(worker_pid, 5)
 
 
+@pytest.mark.parametrize(
+    "args", [["--isolate=module"], ["--isolate=test"], ["--isolate=test", "-n", "2"]]
+)
+def test_pytest_started_outside_the_main_thread_runs_and_says_what_is_off(
+    pytester: pytest.Pytester, args: list[str]
+) -> None:
+    """pytest.main() called from a thread (an execnet socket server, an IDE):
+    Python handles signals only in the main thread, so SIGTERM cannot be
+    caught there; the run goes on and says so once."""
+    pytester.makepyfile(
+        test_threaded="""
+            import time
+
+            def test_passes():
+                pass
+
+            def test_fails():
+                assert False
+
+            def test_times_out():
+                time.sleep(60)
+        """
+    )
+    script = pytester.makepyfile(
+        run_in_thread="""
+            import sys, threading
+            import pytest
+
+            codes = []
+            thread = threading.Thread(target=lambda: codes.append(pytest.main(sys.argv[1:])))
+            thread.start()
+            thread.join()
+            sys.exit(int(codes[0]))
+        """
+    )
+    result = pytester.run(
+        sys.executable,
+        str(script),
+        "-p",
+        "isolator",
+        "--isolate-timeout=2",
+        "-rA",
+        "test_threaded.py",
+        *args,
+        timeout=120,
+    )
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+    result.stdout.fnmatch_lines(
+        [
+            "isolator: pytest runs outside the main thread here, where Python cannot catch*",
+            "*PASSED test_threaded.py::test_passes*",
+            "*FAILED test_threaded.py::test_fails*",
+            "*FAILED test_threaded.py::test_times_out*",
+            "*2 failed, 1 passed*",
+        ],
+        consecutive=False,
+    )
+    assert result.stdout.str().count("outside the main thread") == 1
+    assert "INTERNALERROR" not in result.stdout.str()
+
+
 def test_lingering_threads_are_named_in_the_summary(
     pytester: pytest.Pytester, isolated: IsolatedRunner
 ) -> None:
