@@ -213,13 +213,19 @@ class Controller:
         # process it would only dump, or with exit_on_timeout kill, the parent.
         faulthandler.cancel_dump_traceback_later()
         session = item.session
-        may_retry = True
+        may_retry = may_settle = True
         while True:
             try:
                 proc = self._worker_for(item, nextitem)
             except OSError as exc:
                 # fork, pipe or pidfd refused (too many processes or open
-                # files, no memory): this test's failure; the next one tries again.
+                # files, no memory). Often it is this process's own doing:
+                # workers ended but not yet reaped, a standby. Those freed,
+                # once; if that is not enough, this test's failure, and the
+                # next one tries again.
+                if may_settle and self._settle():
+                    may_settle = False
+                    continue
                 self._report_unstarted(
                     item,
                     f"isolator could not start a worker for {item.nodeid}: {exc}; the machine "
@@ -403,19 +409,11 @@ class Controller:
     def shutdown(self) -> None:
         if self.interrupted and self.current is not None and self.current.started:
             self._interrupt(self.current)
-        if self.standby is not None:
-            with contextlib.suppress(OSError):
-                standby = self._born(self.standby, again=False)
-                if standby is not None:
-                    self._retire(standby)
         for proc in (self.current, self.parked):
             if proc is not None:
                 self._retire(proc)
-        self.current = self.parked = self.standby = None
-        for proc in self.ending:
-            if not proc.exited:
-                proc._reap()
-        self.ending.clear()
+        self.current = self.parked = None
+        self._settle()
         if self._zygote is not None:
             self._zygote.close()
             self._zygote = None
@@ -650,6 +648,24 @@ class Controller:
                 elif not forker.alive:
                     proc.try_reap()
         self.ending = [proc for proc in self.ending if not proc.exited]
+
+    def _settle(self) -> bool:
+        """Give back what this process holds of the machine's processes,
+        descriptors and memory beyond the workers in use: the standby, and
+        the workers told to end (each still a process, and its descriptors
+        still open, until reaped). True if there was any."""
+        held = self.standby is not None or bool(self.ending)
+        if self.standby is not None:
+            standby, self.standby = self.standby, None
+            with contextlib.suppress(OSError):
+                proc = self._born(standby, again=False)
+                if proc is not None:
+                    self._retire(proc)
+        for proc in self.ending:
+            if not proc.exited:
+                proc._reap()
+        self.ending.clear()
+        return held
 
     def _conceive(self) -> Unborn:
         """Ask the zygote for a worker that will wait for its orders, without

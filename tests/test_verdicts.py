@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -342,11 +343,12 @@ def test_a_worker_that_cannot_be_forked_fails_its_test_only(
 
         def fork():
             # The first fork makes the zygote, the second test_1's worker;
-            # the third (the standby) and the fourth (test_2's own worker)
-            # are refused, as under a process limit.
+            # the third (the standby), the fourth (test_2's own worker) and
+            # the fifth (the same, once test_1's worker is reaped) are
+            # refused, as under a process limit that nothing frees.
             global calls
             calls += 1
-            if calls in (3, 4):
+            if calls in (3, 4, 5):
                 raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
             return real_fork()
 
@@ -360,6 +362,80 @@ def test_a_worker_that_cannot_be_forked_fails_its_test_only(
     result.stdout.fnmatch_lines(
         ["*isolator could not start a worker for test_f.py::test_2: [[]Errno 11[]]*"]
     )
+
+
+def _words_of(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except OSError:
+        return []
+
+
+def _pids_cgroup_or_skip(name: str) -> Path:
+    """A new cgroup of the pids controller (v1, or the root of v2), or skip."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a cgroup with a process limit")
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        after = fields[fields.index("-") + 1 :]
+        mount = Path(fields[4])
+        if after[0] == "cgroup" and "pids" in after[2].split(","):
+            break
+        controllers = mount / "cgroup.subtree_control"
+        if after[0] == "cgroup2" and "pids" in _words_of(controllers):
+            break
+    else:
+        pytest.skip("no cgroup hierarchy with the pids controller is mounted here")
+    group = mount / name
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot create a cgroup under {mount}: {exc}")
+    return group
+
+
+@pytest.mark.parametrize("mode", ["module", "test"])
+def test_a_process_limit_with_room_for_one_worker_loses_no_test(
+    pytester: pytest.Pytester, mode: str
+) -> None:
+    """Under a limit on processes (docker --pids-limit, a pids cgroup) with
+    room for the zygote and one worker only, the next worker can start only
+    once the last one is reaped, and with no standby: every test still runs."""
+    group = _pids_cgroup_or_skip(f"isolator-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    pytester.makeconftest(
+        f"""
+        from pathlib import Path
+
+        def pytest_collection_finish(session):
+            # What pytest holds now (its threads too), and room for two more.
+            group = Path({str(group)!r})
+            current = int((group / "pids.current").read_text())
+            (group / "pids.max").write_text(str(current + 2))
+        """
+    )
+    for name in ("a", "b"):
+        pytester.makepyfile(
+            **{f"test_{name}": "".join(f"def test_{i}():\n    pass\n\n" for i in range(3))}
+        )
+
+    def join() -> None:
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "isolator", f"--isolate={mode}", "-q"],
+            cwd=pytester.path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=join,
+        )
+    finally:
+        (group / "pids.max").write_text("max")
+        group.rmdir()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "6 passed" in proc.stdout
+    assert "could not start a worker" not in proc.stdout
 
 
 # -- how each worker ended ----------------------------------------------------
