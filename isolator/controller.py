@@ -31,6 +31,7 @@ import secrets
 import signal
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn, overload
@@ -166,6 +167,11 @@ class Controller:
         self.history, self.history_note = history.load(config)
         #: One-line notices for the start of the run: what cannot work here.
         self.notes: list[str] = []
+        #: (test, traceback) for errors of this process's own while a test
+        #: was in flight (see _internal_error).
+        self.internal_errors: list[tuple[str, str]] = []
+        #: The item being replayed, and how far pytest has seen it.
+        self._inflight: faults.InFlight | None = None
         #: Which tests share a worker, what it enforces, when it may start.
         self.schedule = Schedule(
             settings, self.memory, feeding=hasattr(config, "workerinput"), history=self.history
@@ -212,6 +218,17 @@ class Controller:
         # the test runs in the worker (where it is armed again), and in this
         # process it would only dump, or with exit_on_timeout kill, the parent.
         faulthandler.cancel_dump_traceback_later()
+        self._inflight = None
+        try:
+            self._run(item, nextitem)
+        except pytest.exit.Exception:
+            raise
+        except Exception:
+            self._internal_error(item, traceback.format_exc())
+        return True
+
+    def _run(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+        """Run ``item`` in a worker and replay what it reports."""
         session = item.session
         may_retry = may_settle = True
         while True:
@@ -226,12 +243,11 @@ class Controller:
                 if may_settle and self._settle():
                     may_settle = False
                     continue
-                self._report_unstarted(
-                    item,
+                faults.InFlight(item).fail(
                     f"isolator could not start a worker for {item.nodeid}: {exc}; the machine "
                     "is short of processes, file descriptors or memory",
                 )
-                return True
+                return
             if self._replay(proc, item, may_retry):
                 break
             # The item never started in that worker (it stopped, or died
@@ -240,7 +256,26 @@ class Controller:
             may_retry = False
         if proc.spent or proc.pos >= len(proc.plan) or session.shouldfail or session.shouldstop:
             self._finish(proc)
-        return True
+
+    def _internal_error(self, item: pytest.Item, text: str) -> None:
+        """An error of this process's own (a bug in isolator, or a hook of a
+        plugin's raising as a report is replayed) while ``item`` was in
+        flight: it fails the item, and the run goes on in a fresh worker
+        rather than ending every later test's chance of a verdict."""
+        self.internal_errors.append((item.nodeid, text))
+        proc, self.current = self.current, None
+        if proc is not None:
+            # What it was doing, and what it would say next, is unknown.
+            with contextlib.suppress(Exception):
+                self._retire(proc)
+        inflight = self._inflight
+        if inflight is None or inflight.item is not item:
+            inflight = faults.InFlight(item)
+        self._inflight = None
+        inflight.fail(
+            f"isolator failed while running {item.nodeid}; this is a bug in isolator or in "
+            f"a plugin's hook, not in the test (the run goes on in a fresh worker):\n\n{text}"
+        )
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
@@ -314,12 +349,16 @@ class Controller:
             for label, gone in output.get("isolator_leftovers", [])
         )
         self.faults.extend(output.get("isolator_faults", []))
+        self.internal_errors.extend(
+            (nodeid, text) for nodeid, text in output.get("isolator_internal_errors", [])
+        )
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_sessionfinish(self) -> object:
+    def pytest_sessionfinish(self, session: pytest.Session) -> object:
         self.shutdown()
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:
+            workeroutput["isolator_internal_errors"] = self.internal_errors
             # An xdist node: its controller reports for all nodes.
             workeroutput["isolator_memory"] = self.memory.to_dict()
             workeroutput["isolator_lingering"] = self.lingering
@@ -329,6 +368,13 @@ class Controller:
             ]
             workeroutput["isolator_faults"] = self.faults
             return (yield)
+        if self.internal_errors and session.exitstatus in (
+            pytest.ExitCode.OK,
+            pytest.ExitCode.TESTS_FAILED,
+        ):
+            # Tests failed because of isolator, not of themselves: the run
+            # must not read as an ordinary red one.
+            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
         if self.history is not None:
             history.record(
                 self.config,
@@ -365,6 +411,17 @@ class Controller:
         return (yield)
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.internal_errors:
+            terminalreporter.write_sep("=", "isolator: internal errors")
+            times = len(self.internal_errors)
+            terminalreporter.write_line(
+                f"isolator failed {times} time{'s' if times > 1 else ''} while a test was in "
+                "flight: each failed that test, the run went on in fresh workers, and the exit "
+                "code is 3. Please report it with these tracebacks:"
+            )
+            for nodeid, text in self.internal_errors:
+                terminalreporter.write_line(f"while running {nodeid}:")
+                terminalreporter.write_line(text.rstrip())
         if self.leftovers:
             terminalreporter.write_sep("=", "isolator: processes left running")
             for label, procs in self.leftovers:
@@ -916,14 +973,13 @@ class Controller:
 
         False if the worker ended without starting the item."""
         ihook = item.ihook
-        started = False
-        outcomes: dict[str, str] = {}
+        inflight = self._inflight = faults.InFlight(item)
         while True:
             message = proc.next_message(self.settings.sample_interval_s, lambda: self._sample(proc))
             if message is None:
                 # The beacon knows a test began even when the worker died
                 # before the word reached the pipe.
-                began = started or proc.began(self.schedule.position(item))
+                began = inflight.started or proc.began(self.schedule.position(item))
                 if proc.done and not began:
                     return False
                 # Died before this test began: between two tests, or before
@@ -949,20 +1005,20 @@ class Controller:
                         )
                     self._captured_by_lost_worker()
                     return False
-                self._report_lost(proc, item, started, began, outcomes)
+                self._report_lost(proc, inflight, began)
                 return True
             kind = message[0]
             if kind == "logstart":
-                started = True
+                inflight.started = True
                 # A plugin that runs the item again (pytest-rerunfailures)
                 # logs it again: the phases of the last attempt are what count.
-                outcomes.clear()
+                inflight.outcomes.clear()
             if kind in _LOG_MESSAGES:
                 report = self._log(message, ihook)
                 if kind == "logfinish":
-                    outcomes["logfinish"] = "done"
+                    inflight.outcomes["logfinish"] = "done"
                 elif isinstance(report, pytest.TestReport) and report.nodeid == item.nodeid:
-                    outcomes[report.when] = report.outcome
+                    inflight.outcomes[report.when] = report.outcome
             elif kind == "finished":
                 self._stillborn = 0
                 proc.pos += 1
@@ -1100,23 +1156,9 @@ class Controller:
             if text
         ]
 
-    def _report_unstarted(self, item: pytest.Item, longrepr: str) -> None:
-        ihook = item.ihook
-        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        ihook.pytest_runtest_logreport(report=faults.stand_in_report(item, "setup", longrepr))
-        ihook.pytest_runtest_logreport(report=faults.stand_in_report(item, "teardown", None))
-        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-
-    def _report_lost(
-        self,
-        proc: WorkerProcess,
-        item: pytest.Item,
-        started: bool,
-        began: bool,
-        outcomes: dict[str, str],
-    ) -> None:
-        """The worker died while running ``item``: fail the phase it was in."""
-        ihook = item.ihook
+    def _report_lost(self, proc: WorkerProcess, inflight: faults.InFlight, began: bool) -> None:
+        """The worker died while running the item in flight: fail the phase it was in."""
+        item = inflight.item
         # A fault's traceback says more than faulthandler's stacks would.
         stacks = proc.fault or proc.fault_stacks
         how = proc.ending().sentence
@@ -1133,8 +1175,6 @@ class Controller:
                     f"(peak {format_size(worker_memory.peak_bytes)})"
                 )
         sections = self._captured_by_lost_worker()
-        if not started:
-            ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         if not began and proc.pos == 0:
             # Died before its first test: a broken conftest or startup does
             # this to every worker, and starting more would loop forever.
@@ -1146,36 +1186,17 @@ class Controller:
                 )
         else:
             self._stillborn = 0
-        phase: faults.Phase | None
-        if "setup" not in outcomes:
-            phase = "setup"
-        elif outcomes["setup"] == "passed" and "call" not in outcomes:
-            phase = "call"
-        elif "teardown" not in outcomes:
-            phase = "teardown"
-        else:
-            phase = None
-            if proc.fault is not None:
-                # Every phase had its report: the verdict stands, the fault is
-                # shown in the summary.
-                self.faults.append(
-                    (self.memory.name(proc.label), f"after {item.nodeid} reported:\n{proc.fault}")
-                )
-        if phase is not None:
-            longrepr = f"{cause} ({phase}){hint}"
-            if stacks:
-                longrepr += f"\n\n{stacks}"
-            report = faults.stand_in_report(
-                item, phase, longrepr, [(f"{name} {phase}", text) for name, text in sections]
+        phase = inflight.unreported_phase()
+        longrepr = f"{cause} ({phase}){hint}"
+        if stacks:
+            longrepr += f"\n\n{stacks}"
+        if not inflight.fail(longrepr, sections) and proc.fault is not None:
+            # Every phase had its report: the verdict stands, the fault is
+            # shown in the summary.
+            self.faults.append(
+                (self.memory.name(proc.label), f"after {item.nodeid} reported:\n{proc.fault}")
             )
-            ihook.pytest_runtest_logreport(report=report)
-            if phase != "teardown":
-                ihook.pytest_runtest_logreport(
-                    report=faults.stand_in_report(item, "teardown", None)
-                )
         proc.pos += 1
-        if "logfinish" not in outcomes:
-            ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
 
 
 @dataclasses.dataclass(eq=False)

@@ -155,3 +155,49 @@ def stand_in_report(
         sections=sections or [],
         user_properties=list(item.user_properties),
     )
+
+
+@dataclasses.dataclass(eq=False)
+class InFlight:
+    """How far pytest has seen one item's replay: whether its logstart was
+    logged, and the outcome of each phase reported (``logfinish``: "done")."""
+
+    item: pytest.Item
+    started: bool = False
+    outcomes: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def unreported_phase(self) -> Phase | None:
+        """The phase a failure in flight belongs to; None if every phase that
+        runs has been reported."""
+        if "setup" not in self.outcomes:
+            return "setup"
+        if self.outcomes["setup"] == "passed" and "call" not in self.outcomes:
+            return "call"
+        if "teardown" not in self.outcomes:
+            return "teardown"
+        return None
+
+    def fail(self, longrepr: str, sections: list[tuple[str, str]] | None = None) -> bool:
+        """Fail the phase in flight with ``longrepr`` and close the item as
+        pytest would, so that it ends with exactly one verdict. False if every
+        phase had been reported (the verdict stands; nothing is logged but
+        what closes the item)."""
+        item = self.item
+        ihook = item.ihook
+        if not self.started:
+            ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+            self.started = True
+        phase = self.unreported_phase()
+        if phase is not None:
+            report = stand_in_report(
+                item, phase, longrepr, [(f"{name} {phase}", text) for name, text in sections or []]
+            )
+            ihook.pytest_runtest_logreport(report=report)
+            self.outcomes[phase] = report.outcome
+            if phase != "teardown":
+                ihook.pytest_runtest_logreport(report=stand_in_report(item, "teardown", None))
+                self.outcomes["teardown"] = "passed"
+        if "logfinish" not in self.outcomes:
+            ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+            self.outcomes["logfinish"] = "done"
+        return phase is not None

@@ -336,21 +336,26 @@ def test_a_worker_that_cannot_be_forked_fails_its_test_only(
 ) -> None:
     pytester.makeconftest(
         """
-        import errno, os
+        import errno, os, pathlib
 
         real_fork = os.fork
         calls = 0
+        freed = pathlib.Path("freed").resolve()
 
         def fork():
             # The first fork makes the zygote, the second test_1's worker;
-            # the third (the standby), the fourth (test_2's own worker) and
-            # the fifth (the same, once test_1's worker is reaped) are
-            # refused, as under a process limit that nothing frees.
+            # every later one is refused, as under a process limit that
+            # nothing frees (whether test_2's start is tried once or again),
+            # until test_2's verdict is in.
             global calls
             calls += 1
-            if calls in (3, 4, 5):
+            if calls >= 3 and not freed.exists():
                 raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
             return real_fork()
+
+        def pytest_runtest_logreport(report):
+            if report.nodeid.endswith("::test_2") and report.when == "teardown":
+                freed.touch()
 
         os.fork = fork
         """
@@ -362,6 +367,87 @@ def test_a_worker_that_cannot_be_forked_fails_its_test_only(
     result.stdout.fnmatch_lines(
         ["*isolator could not start a worker for test_f.py::test_2: [[]Errno 11[]]*"]
     )
+
+
+BUGGY_PYTEST_PROCESS = """
+    import os
+
+    import isolator.controller as controller
+
+    # A bug of isolator's own, in the pytest process, at a point chosen by
+    # the test: as the worker is chosen, as a report is replayed, or as a
+    # unit's worker says goodbye.
+    WHERE = os.environ["ISOLATOR_TEST_BUG"]
+    real_worker_for = controller.Controller._worker_for
+    real_log = controller.Controller._log
+    real_dispatch = controller.Controller._dispatch
+
+    def worker_for(self, item, nextitem):
+        if WHERE == "start" and item.name == "test_b":
+            raise RuntimeError("injected bug: start")
+        return real_worker_for(self, item, nextitem)
+
+    def log(self, message, ihook):
+        data = message[1] if message[0] == "report" else {}
+        test_b_call = str(data.get("nodeid")).endswith("::test_b") and data.get("when") == "call"
+        if WHERE == "replay" and test_b_call:
+            raise RuntimeError("injected bug: replay")
+        return real_log(self, message, ihook)
+
+    def dispatch(self, proc, message):
+        if WHERE == "goodbye" and message[0] == "done":
+            raise RuntimeError("injected bug: goodbye")
+        return real_dispatch(self, proc, message)
+
+    controller.Controller._worker_for = worker_for
+    controller.Controller._log = log
+    controller.Controller._dispatch = dispatch
+"""
+
+
+@pytest.mark.parametrize(
+    ("where", "args"),
+    [
+        ("start", ["--isolate=module"]),
+        ("start", ["--isolate=test"]),
+        ("replay", ["--isolate=module"]),
+        ("replay", ["--isolate=test"]),
+        ("replay", ["--isolate=module", "-n", "2"]),
+        ("goodbye", ["--isolate=module"]),
+    ],
+)
+def test_a_bug_in_the_pytest_process_fails_the_test_in_flight_only(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, where: str, args: list[str]
+) -> None:
+    pytester.makeconftest(BUGGY_PYTEST_PROCESS)
+    pytester.makepyfile(
+        test_one="def test_a():\n    pass\n\ndef test_b():\n    pass\n\ndef test_c():\n    pass\n",
+        test_two="def test_d():\n    pass\n",
+    )
+    monkeypatch.setenv("ISOLATOR_TEST_BUG", where)
+    result = pytester.runpytest("-p", "isolator", "-rA", *args)
+    no_internal_error(result)
+    assert result.ret == pytest.ExitCode.INTERNAL_ERROR
+    result.stdout.fnmatch_lines(
+        [
+            "*= isolator: internal errors =*",
+            "isolator failed * while a test was in flight: each failed that test*",
+            "while running test_one.py::test_*",
+            f"RuntimeError: injected bug: {where}",
+        ]
+    )
+    if where == "goodbye":
+        # Every test had its verdict when the bug struck: they stand.
+        result.assert_outcomes(passed=4)
+        return
+    # Before the worker was chosen it fails in setup, as an error; in the
+    # middle of the replay, in the phase being replayed.
+    verdict = "ERROR" if where == "start" else "FAILED"
+    result.assert_outcomes(passed=3, **{"errors" if where == "start" else "failed": 1})
+    result.stdout.fnmatch_lines(
+        [f"{verdict} test_one.py::test_b - isolator failed while running test_one.py::test_*"]
+    )
+    assert "this is a bug in isolator or in a plugin's hook" in result.stdout.str()
 
 
 def _words_of(path: Path) -> list[str]:
