@@ -466,10 +466,8 @@ class Controller:
     def shutdown(self) -> None:
         if self.interrupted and self.current is not None and self.current.started:
             self._interrupt(self.current)
-        for proc in (self.current, self.parked):
-            if proc is not None:
-                self._retire(proc)
-        self.current = self.parked = None
+        if self.current is not None:
+            self._retire(self.current)
         self._settle()
         if self._zygote is not None:
             self._zygote.close()
@@ -642,8 +640,7 @@ class Controller:
         Then report what it finished: the worker runs ahead of the replay, so
         tests it completed may not have been reported yet."""
         if not proc.exited:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGINT)
+            proc.signal(signal.SIGINT)
             if not proc.wait_exit(_INTERRUPT_GRACE_S):
                 sys.stderr.write(
                     f"isolator: worker {proc.label} (PID {proc.pid}) ignored SIGINT for "
@@ -708,10 +705,14 @@ class Controller:
 
     def _settle(self) -> bool:
         """Give back what this process holds of the machine's processes,
-        descriptors and memory beyond the workers in use: the standby, and
-        the workers told to end (each still a process, and its descriptors
-        still open, until reaped). True if there was any."""
-        held = self.standby is not None or bool(self.ending)
+        descriptors and memory beyond the worker in use: the standby, the
+        parked worker (its tests go on in a fresh one, as when one dies
+        while parked), and the workers told to end (each still a process,
+        and its descriptors still open, until reaped). True if there was any."""
+        held = self.standby is not None or self.parked is not None or bool(self.ending)
+        if self.parked is not None:
+            self._retire(self.parked)
+            self.parked = None
         if self.standby is not None:
             standby, self.standby = self.standby, None
             with contextlib.suppress(OSError):
@@ -823,10 +824,6 @@ class Controller:
 
     def _start_zygote(self) -> Zygote:
         """Fork the zygote (see ``zygote``) from this process as it is now."""
-        # Objects that exist now are shared with the workers page by page;
-        # freezing them keeps a worker's collector from writing to every
-        # one of them (which would copy the pages) (bpo-31558).
-        gc.freeze()
         self.plugin.parent_modules = forking.module_names()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
@@ -890,6 +887,12 @@ class Controller:
                             os.close(fd)
         if self._zygote is not None:
             self._zygote.forget()
+        # Objects that exist now are shared with the workers page by page;
+        # freezing them keeps a worker's collector from writing to every one
+        # of them (which would copy the pages) (bpo-31558). Here, not in the
+        # pytest process: frozen objects are hidden from gc.get_referrers()
+        # and gc.get_objects(), which plugins there use (hypothesis does).
+        gc.freeze()
 
     def _enrol_worker(self, payload: bytes) -> None:
         """In a worker the zygote just forked, first thing: if the zygote

@@ -254,12 +254,26 @@ class WorkerProcess:
         return faults.trim_fault_stacks(raw.decode("utf-8", "replace"))
 
     def _kill_group(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the worker's process group, and to the worker
+        itself if a test moved it to another group (setpgid)."""
         # While the worker is unreaped its PID, and so its process group ID,
         # cannot be reused: this reaches only it and what it left behind.
         if self.zygote.has_reaped(self.pid):
             return
+        try:
+            moved = os.getpgid(self.pid) != self.pid
+        except ProcessLookupError:
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+            # (Its group may be empty by now, or hold what it left behind.)
+            os.killpg(self.pid, signum)
+        if moved and self.pidfd >= 0:
+            # Only then: sent twice, a SIGINT could be handled twice.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                signal.pidfd_send_signal(self.pidfd, signum)
 
     def wait_exit(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the worker to end; True if it did."""

@@ -353,15 +353,25 @@ def test_workers_end_when_pytest_is_killed(pytester: pytest.Pytester) -> None:
 
 
 @pytest.mark.parametrize(
-    ("signum", "ignore_sigint"),
-    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True)],
-    ids=["sigint", "sigterm", "sigterm-started-with-sigint-ignored"],
+    ("signum", "ignore_sigint", "moved"),
+    [
+        (signal.SIGINT, False, False),
+        (signal.SIGTERM, False, False),
+        (signal.SIGTERM, True, False),
+        (signal.SIGINT, False, True),
+    ],
+    ids=[
+        "sigint",
+        "sigterm",
+        "sigterm-started-with-sigint-ignored",
+        "sigint-worker-left-its-group",
+    ],
 )
 def test_interrupt_stops_workers_reports_what_finished_and_tears_down(
-    pytester: pytest.Pytester, signum: int, ignore_sigint: bool
+    pytester: pytest.Pytester, signum: int, ignore_sigint: bool, moved: bool
 ) -> None:
     pytester.makepyfile(
-        test_interrupted="""
+        test_interrupted=f"""
             import os, pathlib, time
             import pytest
 
@@ -374,6 +384,9 @@ def test_interrupt_stops_workers_reports_what_finished_and_tears_down(
                 pass
 
             def test_waits(resource):
+                if {moved}:
+                    # Into its parent's process group, out of its own.
+                    os.setpgid(0, os.getpgid(os.getppid()))
                 pathlib.Path("worker.pid").write_text(str(os.getpid()))
                 time.sleep(120)
 
@@ -473,6 +486,32 @@ def test_pytest_started_outside_the_main_thread_runs_and_says_what_is_off(
     )
     assert result.stdout.str().count("outside the main thread") == 1
     assert "INTERNALERROR" not in result.stdout.str()
+
+
+@pytest.mark.parametrize("args", [["--isolate=marked", "-x"], ["--isolate=module", "-x"]])
+def test_a_worker_that_left_its_process_group_is_still_ended(
+    pytester: pytest.Pytester, args: list[str]
+) -> None:
+    """Workers are ended through their process group; one a test moved to
+    another group (its parent's) must be ended all the same, not waited for."""
+    pytester.makepyfile(
+        test_moved="""
+            import os
+            import pytest
+
+            def test_moves():
+                os.setpgid(0, os.getpgid(os.getppid()))
+
+            @pytest.mark.isolate
+            def test_fails():
+                assert False
+
+            def test_never():
+                pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "isolator", *args, timeout=60)
+    result.assert_outcomes(passed=1, failed=1)
 
 
 def test_lingering_threads_are_named_in_the_summary(

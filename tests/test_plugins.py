@@ -125,3 +125,41 @@ def test_capture_off_prints_straight_to_the_terminal(
     result = isolated.run("test", "-s")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*straight out*"])
+
+
+@pytest.mark.parametrize("mode", ["module", "test"])
+def test_the_collector_hides_nothing_from_plugins_in_the_pytest_process(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, mode: str
+) -> None:
+    """gc.get_referrers() sees every object in the pytest process, as without
+    isolation (hypothesis asks it whether anything holds the Random given to
+    register_random, and warns if nothing does). In a worker, what existed
+    when it was forked is frozen (README, Cost) until gc.unfreeze()."""
+    pytester.makeconftest(
+        """
+        import gc
+
+        HOLDER = {"held": [1, 2]}
+        HELD = HOLDER["held"]
+
+        def seen():
+            return any(referrer is HOLDER for referrer in gc.get_referrers(HELD))
+
+        def pytest_terminal_summary(terminalreporter):
+            terminalreporter.write_line(f"held seen in the pytest process: {seen()}")
+        """
+    )
+    pytester.makepyfile(
+        test_gc="""
+            import gc
+            import conftest
+
+            def test_frozen_until_unfrozen():
+                assert not conftest.seen()
+                gc.unfreeze()
+                assert conftest.seen()
+        """
+    )
+    result = isolated.run(mode, "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["held seen in the pytest process: True"])

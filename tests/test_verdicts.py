@@ -480,7 +480,7 @@ def _pids_cgroup_or_skip(name: str) -> Path:
     return group
 
 
-@pytest.mark.parametrize("mode", ["module", "test"])
+@pytest.mark.parametrize("mode", ["module", "test", "marked"])
 def test_a_process_limit_with_room_for_one_worker_loses_no_test(
     pytester: pytest.Pytester, mode: str
 ) -> None:
@@ -499,10 +499,11 @@ def test_a_process_limit_with_room_for_one_worker_loses_no_test(
             (group / "pids.max").write_text(str(current + 2))
         """
     )
-    for name in ("a", "b"):
-        pytester.makepyfile(
-            **{f"test_{name}": "".join(f"def test_{i}():\n    pass\n\n" for i in range(3))}
-        )
+    # Under --isolate=marked the unmarked tests share a worker, parked while
+    # the marked one runs in a worker of its own.
+    tests = "import pytest\n\ndef test_0():\n    pass\n\n@pytest.mark.isolate\n"
+    tests += "def test_1():\n    pass\n\ndef test_2():\n    pass\n"
+    pytester.makepyfile(test_a=tests, test_b=tests)
 
     def join() -> None:
         (group / "cgroup.procs").write_text(str(os.getpid()))
