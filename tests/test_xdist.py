@@ -112,8 +112,24 @@ def _free_port() -> int:
         return port
 
 
+#: execnet's socket server, run in a thread: the node's pytest then runs
+#: outside the main thread, where Python cannot catch signals.
+SERVER_IN_A_THREAD = """
+import sys, threading
+from execnet.gateway_base import get_execmodel
+from execnet.script import socketserver
+
+socketserver.execmodel = get_execmodel("thread")
+listening = socketserver.bind_and_listen(sys.argv[1], socketserver.execmodel)
+thread = threading.Thread(target=socketserver.startserver, args=(listening, True))
+thread.start()
+thread.join()
+"""
+
+
+@pytest.mark.parametrize("in_a_thread", [False, True], ids=["server", "server-in-a-thread"])
 def test_workers_on_another_host_through_execnet_socket(
-    pytester: pytest.Pytester, tmp_path: Path
+    pytester: pytest.Pytester, tmp_path: Path, in_a_thread: bool
 ) -> None:
     """xdist's --tx socket=HOST:PORT against an execnet socket server on loopback."""
     remote = tmp_path / "remote"
@@ -133,6 +149,9 @@ def test_workers_on_another_host_through_execnet_socket(
     )
     port = _free_port()
     server_script = Path(execnet.__file__).parent / "script" / "socketserver.py"
+    if in_a_thread:
+        server_script = tmp_path / "server_in_a_thread.py"
+        server_script.write_text(SERVER_IN_A_THREAD)
     server = subprocess.Popen(
         [sys.executable, str(server_script), f"127.0.0.1:{port}"],
         cwd=remote,
@@ -160,8 +179,11 @@ def test_workers_on_another_host_through_execnet_socket(
     finally:
         server.kill()
         server.wait()
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=2, warnings=1 if in_a_thread else 0)
     result.stdout.fnmatch_lines(["*gw0/w1 *"])
+    if in_a_thread:
+        # Said where the user looks, not on the server's console.
+        result.stdout.fnmatch_lines(["*isolator: pytest runs outside the main thread here*"])
     ran_in = cwd_file.read_text().strip()
     assert ran_in.startswith(str(remote)), ran_in
     assert os.path.exists(ran_in)
