@@ -76,8 +76,11 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
-def _mounts(proc: Path) -> tuple[tuple[Path, str] | None, tuple[Path, str] | None]:
-    """(mount point, root) of the cgroup v2 hierarchy and of the v1 memory hierarchy."""
+def mounts(
+    proc: Path, controller: str = "memory"
+) -> tuple[tuple[Path, str] | None, tuple[Path, str] | None]:
+    """(mount point, root) of the cgroup v2 hierarchy and of the v1 hierarchy
+    of ``controller``."""
     v2: tuple[Path, str] | None = None
     v1: tuple[Path, str] | None = None
     with contextlib.suppress(OSError), open(proc / "mountinfo") as lines:
@@ -89,13 +92,13 @@ def _mounts(proc: Path) -> tuple[tuple[Path, str] | None, tuple[Path, str] | Non
             found = (Path(_unescape(fields[4])), _unescape(fields[3]))
             if tail[0] == "cgroup2" and v2 is None:
                 v2 = found
-            elif tail[0] == "cgroup" and "memory" in tail[2].split(",") and v1 is None:
+            elif tail[0] == "cgroup" and controller in tail[2].split(",") and v1 is None:
                 v1 = found
     return v2, v1
 
 
-def _own_paths(proc: Path) -> tuple[str | None, str | None]:
-    """This process's cgroup path in the v2 hierarchy and in the v1 memory one."""
+def own_paths(proc: Path, controller: str = "memory") -> tuple[str | None, str | None]:
+    """This process's cgroup path in the v2 hierarchy and in the v1 one of ``controller``."""
     v2: str | None = None
     v1: str | None = None
     with contextlib.suppress(OSError), open(proc / "cgroup") as lines:
@@ -103,12 +106,12 @@ def _own_paths(proc: Path) -> tuple[str | None, str | None]:
             number, controllers, path = line.rstrip("\n").split(":", 2)
             if number == "0" and not controllers:
                 v2 = path
-            elif "memory" in controllers.split(","):
+            elif controller in controllers.split(","):
                 v1 = path
     return v2, v1
 
 
-def _under(mount: tuple[Path, str], path: str) -> Path:
+def under(mount: tuple[Path, str], path: str) -> Path:
     """The directory of cgroup ``path`` on ``mount`` (mounted from its root ``root``).
 
     Without a cgroup namespace a container may see the host's path of its
@@ -123,7 +126,7 @@ def _under(mount: tuple[Path, str], path: str) -> Path:
     return point / relative
 
 
-def _words(path: Path) -> list[str]:
+def words(path: Path) -> list[str]:
     try:
         return path.read_text().split()
     except OSError:
@@ -133,17 +136,17 @@ def _words(path: Path) -> list[str]:
 def memory_hierarchy(proc: Path = Path("/proc/self")) -> Hierarchy | None:
     """The hierarchy that holds the memory controller and this process's
     cgroup in it (None if there is no such hierarchy here)."""
-    mount_v2, mount_v1 = _mounts(proc)
-    path_v2, path_v1 = _own_paths(proc)
+    mount_v2, mount_v1 = mounts(proc)
+    path_v2, path_v1 = own_paths(proc)
     # The memory controller is bound to one hierarchy: v2 if its root lists it.
     if (
         mount_v2 is not None
         and path_v2 is not None
-        and "memory" in _words(mount_v2[0] / "cgroup.controllers")
+        and "memory" in words(mount_v2[0] / "cgroup.controllers")
     ):
-        return Hierarchy(2, mount_v2[0], _under(mount_v2, path_v2))
+        return Hierarchy(2, mount_v2[0], under(mount_v2, path_v2))
     if mount_v1 is not None and path_v1 is not None:
-        return Hierarchy(1, mount_v1[0], _under(mount_v1, path_v1))
+        return Hierarchy(1, mount_v1[0], under(mount_v1, path_v1))
     return None
 
 
@@ -339,7 +342,7 @@ class WorkerCgroup:
             with contextlib.suppress(OSError):
                 _write(self.path / "cgroup.kill", "1")
                 return
-        for pid in _words(self.path / "cgroup.procs"):
+        for pid in words(self.path / "cgroup.procs"):
             with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
 
@@ -391,20 +394,20 @@ class WorkerCgroups:
     def _prepare_v2(self) -> None:
         own = self.hierarchy.own
         pid = os.getpid()
-        if "memory" not in _words(own / "cgroup.controllers"):
+        if "memory" not in words(own / "cgroup.controllers"):
             raise CgroupError(
                 f"the memory controller is not enabled for {own} (its parent's "
                 f"cgroup.subtree_control lacks it); {_RECIPE}"
             )
-        if "memory" in _words(own / "cgroup.subtree_control"):
+        if "memory" in words(own / "cgroup.subtree_control"):
             return
         parent = own.parent
-        if _OURS.match(own.name) and "memory" in _words(parent / "cgroup.subtree_control"):
+        if _OURS.match(own.name) and "memory" in words(parent / "cgroup.subtree_control"):
             # A pytest-xdist worker, in the leaf its controller moved into.
             self.home = parent
             return
         if own != self.hierarchy.mount:
-            others = [p for p in _words(own / "cgroup.procs") if p != str(pid)]
+            others = [p for p in words(own / "cgroup.procs") if p != str(pid)]
             if others:
                 raise CgroupError(
                     f"cgroup v2 gives memory to the cgroups under {own} only when no process "

@@ -39,7 +39,7 @@ from typing import Any, NoReturn, overload
 import pytest
 from pluggy import HookRelay
 
-from isolator import compat, faults, forking, history, leftovers, worker, zygote
+from isolator import compat, faults, forking, headroom, history, leftovers, worker, zygote
 from isolator.beacon import Beacon
 from isolator.cgroup import WAYS_OUT, WorkerCgroups
 from isolator.memory import uss_bytes
@@ -200,6 +200,9 @@ class Controller:
         self._taken: list[WorkerProcess] = []
         #: The warnings filters and hooks as they were before any test ran.
         self._warnings_base: tuple[list[Any], object, object] | None = None
+        #: Little room for more processes here: no standby, and ended
+        #: workers reaped at once (see ``headroom``).
+        self._lean = False
         #: In the zygote and its workers: the zygote's PID.
         self._zygote_pid = -1
         #: The signal mask workers start with (this process's, before the
@@ -317,6 +320,23 @@ class Controller:
     @pytest.hookimpl(trylast=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self._warnings_base = _warnings_state()
+        found = headroom.room()
+        if found is not None and found[0] < headroom.TIGHT:
+            self._lean = True
+            self.notes.append(
+                f"only {max(found[0], 0)} more processes may start here ({found[1]}): workers "
+                "start one at a time, with none forked ahead, and are reaped as they end, so "
+                "that the tests keep that room"
+            )
+        if hasattr(self.config, "workerinput"):
+            # An xdist node's own output goes where no one looks (an execnet
+            # socket server's console, say); a warning reaches the summary of
+            # the pytest the user started.
+            for note in self.notes:
+                self.config.issue_config_time_warning(
+                    pytest.PytestConfigWarning(f"isolator: {note}"), stacklevel=2
+                )
+            self.notes.clear()
         notes = list(self.notes)
         if self.history_note and self.settings.mode == "auto":
             # Said up front: without history, auto is shared.
@@ -614,7 +634,7 @@ class Controller:
         self._feed(proc, item, nextitem)
         self.current = proc
         self._reap_ended()
-        if self.standby is None and nextitem is not None:
+        if self.standby is None and nextitem is not None and not self._lean:
             # Asked for now, taken when the next unit starts: the zygote forks
             # it while this process replays.
             with contextlib.suppress(OSError):
@@ -676,7 +696,10 @@ class Controller:
         if proc is self.current:
             self.current = None
         if not proc.exited:
-            self.ending.append(proc)
+            if self._lean:
+                proc._reap()  # killed above: it ends at once
+            else:
+                self.ending.append(proc)
         elif crashed:
             # It could not end what its tests left running; they are ours now.
             self._end_orphans(proc)

@@ -93,13 +93,6 @@ def pytest_configure(config: pytest.Config) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_interrupt)
             config.add_cleanup(_restore_sigterm)
-        elif hasattr(config, "workerinput"):
-            # An xdist node's own output goes where no one looks (an execnet
-            # socket server's console); a warning reaches the summary of the
-            # pytest the user started.
-            config.issue_config_time_warning(
-                pytest.PytestConfigWarning(f"isolator: {OFF_MAIN_THREAD}"), stacklevel=2
-            )
         else:
             controller.notes.append(OFF_MAIN_THREAD)
 

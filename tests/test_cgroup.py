@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import memory_cgroup_or_skip
-from isolator import cgroup
+from isolator import cgroup, headroom
 
 MB = 1000**2
 
@@ -147,3 +147,20 @@ def test_v1_is_used_when_v2_has_no_memory_controller(tmp_path: Path) -> None:
     with open(proc / "cgroup", "a") as lines:
         lines.write("4:memory:/job\n")
     assert cgroup.memory_hierarchy(proc) == cgroup.Hierarchy(1, v1, v1 / "job")
+
+
+def test_process_room_is_the_tightest_pids_limit_up_the_tree(tmp_path: Path) -> None:
+    """A container's limit (an ancestor's) applies as well as the job's own."""
+    proc, mount = _fake_machine(tmp_path, "0::/docker/abc/job", "/docker/abc")
+    own = mount / "job"
+    own.mkdir()
+    (mount / "pids.max").write_text("100\n")
+    (mount / "pids.current").write_text("90\n")
+    (own / "pids.max").write_text("max\n")
+    (own / "pids.current").write_text("30\n")
+    assert headroom._cgroup_room(proc) == (10, f"pids cgroup {mount}: pids.max 100")
+    (own / "pids.max").write_text("35\n")
+    assert headroom._cgroup_room(proc) == (5, f"pids cgroup {own}: pids.max 35")
+    # No pids controller: nothing is known to limit processes.
+    (mount / "cgroup.controllers").write_text("cpu memory\n")
+    assert headroom._cgroup_room(proc) is None

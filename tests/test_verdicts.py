@@ -480,36 +480,30 @@ def _pids_cgroup_or_skip(name: str) -> Path:
     return group
 
 
-@pytest.mark.parametrize("mode", ["module", "test", "marked"])
-def test_a_process_limit_with_room_for_one_worker_loses_no_test(
-    pytester: pytest.Pytester, mode: str
-) -> None:
-    """Under a limit on processes (docker --pids-limit, a pids cgroup) with
-    room for the zygote and one worker only, the next worker can start only
-    once the last one is reaped, and with no standby: every test still runs."""
+def _pytest_under_a_process_limit(
+    pytester: pytest.Pytester, mode: str, hook: str, room: int
+) -> subprocess.CompletedProcess[str]:
+    """pytest run in a pids cgroup whose limit is set, in the pytest process's
+    ``hook``, to what it holds then (its threads too) and ``room`` more."""
     group = _pids_cgroup_or_skip(f"isolator-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     pytester.makeconftest(
         f"""
         from pathlib import Path
+        import pytest
 
-        def pytest_collection_finish(session):
-            # What pytest holds now (its threads too), and room for two more.
+        @pytest.hookimpl(tryfirst=True)
+        def {hook}(session):
             group = Path({str(group)!r})
             current = int((group / "pids.current").read_text())
-            (group / "pids.max").write_text(str(current + 2))
+            (group / "pids.max").write_text(str(current + {room}))
         """
     )
-    # Under --isolate=marked the unmarked tests share a worker, parked while
-    # the marked one runs in a worker of its own.
-    tests = "import pytest\n\ndef test_0():\n    pass\n\n@pytest.mark.isolate\n"
-    tests += "def test_1():\n    pass\n\ndef test_2():\n    pass\n"
-    pytester.makepyfile(test_a=tests, test_b=tests)
 
     def join() -> None:
         (group / "cgroup.procs").write_text(str(os.getpid()))
 
     try:
-        proc = subprocess.run(
+        return subprocess.run(
             [sys.executable, "-m", "pytest", "-p", "isolator", f"--isolate={mode}", "-q"],
             cwd=pytester.path,
             capture_output=True,
@@ -520,9 +514,46 @@ def test_a_process_limit_with_room_for_one_worker_loses_no_test(
     finally:
         (group / "pids.max").write_text("max")
         group.rmdir()
+
+
+@pytest.mark.parametrize("mode", ["module", "test", "marked"])
+def test_a_process_limit_with_room_for_one_worker_loses_no_test(
+    pytester: pytest.Pytester, mode: str
+) -> None:
+    """Under a limit on processes (docker --pids-limit, a pids cgroup), set
+    once the run began, with room for the zygote and one worker only: the
+    next worker can start only once the last one is reaped, and with no
+    standby; every test still runs."""
+    # Under --isolate=marked the unmarked tests share a worker, parked while
+    # the marked one runs in a worker of its own.
+    tests = "import pytest\n\ndef test_0():\n    pass\n\n@pytest.mark.isolate\n"
+    tests += "def test_1():\n    pass\n\ndef test_2():\n    pass\n"
+    pytester.makepyfile(test_a=tests, test_b=tests)
+    proc = _pytest_under_a_process_limit(pytester, mode, "pytest_collection_finish", 2)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "6 passed" in proc.stdout
     assert "could not start a worker" not in proc.stdout
+
+
+@pytest.mark.parametrize("mode", ["module", "test"])
+def test_a_tight_process_limit_leaves_the_tests_their_room(
+    pytester: pytest.Pytester, mode: str
+) -> None:
+    """With room for the zygote, one worker and one process of a test's own,
+    found at start-up, isolator keeps nothing more (no standby, no ended
+    worker awaiting its reaping), and says so."""
+    test = "import subprocess\n\ndef test_{}():\n    subprocess.run(['true'], check=True)\n"
+    pytester.makepyfile(
+        test_a=test.format(0) + "\n" + test.format(1), test_b=test.format(2) + "\n" + test.format(3)
+    )
+    proc = _pytest_under_a_process_limit(pytester, mode, "pytest_sessionstart", 3)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 passed" in proc.stdout
+    assert re.search(
+        r"isolator: only 3 more processes may start here \(pids cgroup .*: pids.max \d+\): "
+        r"workers start one at a time",
+        proc.stdout,
+    ), proc.stdout
 
 
 # -- how each worker ended ----------------------------------------------------

@@ -1,0 +1,92 @@
+"""Room for more processes: the tightest limit on processes around this one.
+
+Under ``docker --pids-limit``, a Kubernetes pod's pid limit or a non-root
+``RLIMIT_NPROC``, every task (process or thread) counts against the limit until
+it is reaped. isolator's own extras (a worker forked ahead, ended workers reaped
+a batch at a time) take room that a test's own subprocess or thread may need;
+where little room is left the controller does without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from pathlib import Path
+
+from isolator import cgroup
+
+#: Below this many more tasks, isolator keeps no extra process of its own.
+TIGHT = 64
+
+
+def _number(path: Path) -> int | None:
+    """The number in a pids file; None for "max" or if it cannot be read."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _pids_cgroup(proc: Path) -> tuple[Path, Path] | None:
+    """(this process's cgroup directory, the mount above it) in whichever
+    hierarchy holds the pids controller."""
+    mount_v2, mount_v1 = cgroup.mounts(proc, "pids")
+    path_v2, path_v1 = cgroup.own_paths(proc, "pids")
+    if mount_v1 is not None and path_v1 is not None:
+        return cgroup.under(mount_v1, path_v1), mount_v1[0]
+    if (
+        mount_v2 is not None
+        and path_v2 is not None
+        and "pids" in cgroup.words(mount_v2[0] / "cgroup.controllers")
+    ):
+        return cgroup.under(mount_v2, path_v2), mount_v2[0]
+    return None
+
+
+def _cgroup_room(proc: Path) -> tuple[int, str] | None:
+    found = _pids_cgroup(proc)
+    if found is None:
+        return None
+    directory, top = found
+    tightest: tuple[int, str] | None = None
+    # The limit of every ancestor applies too (a container's, a pod's).
+    while True:
+        limit = _number(directory / "pids.max")
+        current = _number(directory / "pids.current")
+        if limit is not None and current is not None:
+            room = limit - current
+            if tightest is None or room < tightest[0]:
+                tightest = (room, f"pids cgroup {directory}: pids.max {limit}")
+        if directory == top or directory.parent == directory:
+            return tightest
+        directory = directory.parent
+
+
+def _user_tasks(uid: int) -> int:
+    """Tasks (threads included) whose real user is ``uid``, as RLIMIT_NPROC counts."""
+    tasks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{entry.name}/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+            if int(fields["Uid"].split()[0]) == uid:
+                tasks += int(fields["Threads"])
+    return tasks
+
+
+def _rlimit_room() -> tuple[int, str] | None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    # Root (with CAP_SYS_RESOURCE or CAP_SYS_ADMIN) is not held to it.
+    if soft == resource.RLIM_INFINITY or os.geteuid() == 0:
+        return None
+    return soft - _user_tasks(os.getuid()), f"RLIMIT_NPROC {soft} for user {os.getuid()}"
+
+
+def room(proc: Path = Path("/proc/self")) -> tuple[int, str] | None:
+    """How many more tasks this process's tightest limit allows, and which
+    limit that is; None where nothing limits them."""
+    found = [r for r in (_cgroup_room(proc), _rlimit_room()) if r is not None]
+    return min(found) if found else None
