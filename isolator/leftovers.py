@@ -83,6 +83,10 @@ def _children_of(pid: int) -> list[int]:
     return found
 
 
+# Bound once: a test that forks may have patched these (see ``wire``).
+_getpid = os.getpid
+_write = os.write
+
 _HAVE_CHILDREN_FILES = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
 
@@ -180,11 +184,11 @@ class ForkRegistry:
         os.register_at_fork(after_in_child=self._register)
 
     def _register(self, kind: str = _BELOW) -> None:
-        pid = os.getpid()
+        pid = _getpid()
         stat = _stat(pid)
         if stat is not None:
             with contextlib.suppress(OSError):
-                os.write(self.fd, f"{pid} {stat[1]} {kind} {self.label}\n".encode())
+                _write(self.fd, f"{pid} {stat[1]} {kind} {self.label}\n".encode())
 
     def lookup(self, pid: int) -> Registered | None:
         """What ``pid`` registered as, if it did (and is not another process

@@ -47,6 +47,14 @@ def _as_text(obj: object) -> str:
             return f"<unprintable {type(obj).__name__}>"
 
 
+# Bound once, here: a test may patch these (monkeypatch, mock.patch), and its
+# patch is still in place when its call report is sent, before its teardown.
+_write = os.write
+_getpid = os.getpid
+_exit = os._exit
+_dumps = pickle.dumps
+
+
 class _BuiltinsPickler(pickle.Pickler):
     """Pickles builtins as they are and everything else as its text.
 
@@ -112,10 +120,10 @@ class Sender:
         self._on_lost = on_lost
         #: A process forked by a test that returns into pytest is not this
         #: worker, and must not write into its pipe.
-        self.owner = os.getpid()
+        self.owner = _getpid()
 
     def send(self, *message: Any) -> None:
-        self._frame(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        self._frame(_dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
     def send_builtins(self, *message: Any) -> None:
         """Send a message whose parts may be of any type: see the module."""
@@ -128,15 +136,15 @@ class Sender:
     def flush(self) -> None:
         if not self._pending:
             return
-        if os.getpid() != self.owner:
+        if _getpid() != self.owner:
             # A test forked and the child came back into pytest's code: it
             # would run the rest of the unit a second time. It ends here.
-            os._exit(0)
+            _exit(0)
         data = memoryview(b"".join(self._pending))
         self._pending.clear()
         while data:
             try:
-                written = os.write(self.fd, data)
+                written = _write(self.fd, data)
             except InterruptedError:
                 continue
             except OSError as exc:
