@@ -375,7 +375,12 @@ class Controller:
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> object:
-        self.shutdown()
+        try:
+            self.shutdown()
+        except Exception:
+            # Every verdict is in: what could not be ended or cleaned up is
+            # said, and pytest's own ending (summary, junit xml) still runs.
+            self.internal_errors.append(("", traceback.format_exc()))
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:
             workeroutput["isolator_internal_errors"] = self.internal_errors
@@ -435,12 +440,14 @@ class Controller:
             terminalreporter.write_sep("=", "isolator: internal errors")
             times = len(self.internal_errors)
             terminalreporter.write_line(
-                f"isolator failed {times} time{'s' if times > 1 else ''} while a test was in "
-                "flight: each failed that test, the run went on in fresh workers, and the exit "
-                "code is 3. Please report it with these tracebacks:"
+                f"isolator failed {times} time{'s' if times > 1 else ''}: a test in flight "
+                "failed with it, the run went on in fresh workers, and the exit code is 3. "
+                "Please report it with these tracebacks:"
             )
             for nodeid, text in self.internal_errors:
-                terminalreporter.write_line(f"while running {nodeid}:")
+                terminalreporter.write_line(
+                    f"while running {nodeid}:" if nodeid else "at the end of the run:"
+                )
                 terminalreporter.write_line(text.rstrip())
         if self.leftovers:
             terminalreporter.write_sep("=", "isolator: processes left running")

@@ -375,8 +375,8 @@ BUGGY_PYTEST_PROCESS = """
     import isolator.controller as controller
 
     # A bug of isolator's own, in the pytest process, at a point chosen by
-    # the test: as the worker is chosen, as a report is replayed, or as a
-    # unit's worker says goodbye.
+    # the test: as the worker is chosen, as a report is replayed, as a
+    # unit's worker says goodbye, or as the run ends.
     WHERE = os.environ["ISOLATOR_TEST_BUG"]
     real_worker_for = controller.Controller._worker_for
     real_log = controller.Controller._log
@@ -399,6 +399,14 @@ BUGGY_PYTEST_PROCESS = """
             raise RuntimeError("injected bug: goodbye")
         return real_dispatch(self, proc, message)
 
+    real_end_orphans = controller.Controller._end_orphans
+
+    def end_orphans(self, proc):
+        if WHERE == "end" and proc is None:
+            raise RuntimeError("injected bug: end")
+        return real_end_orphans(self, proc)
+
+    controller.Controller._end_orphans = end_orphans
     controller.Controller._worker_for = worker_for
     controller.Controller._log = log
     controller.Controller._dispatch = dispatch
@@ -414,6 +422,7 @@ BUGGY_PYTEST_PROCESS = """
         ("replay", ["--isolate=test"]),
         ("replay", ["--isolate=module", "-n", "2"]),
         ("goodbye", ["--isolate=module"]),
+        ("end", ["--isolate=module"]),
     ],
 )
 def test_a_bug_in_the_pytest_process_fails_the_test_in_flight_only(
@@ -425,18 +434,19 @@ def test_a_bug_in_the_pytest_process_fails_the_test_in_flight_only(
         test_two="def test_d():\n    pass\n",
     )
     monkeypatch.setenv("ISOLATOR_TEST_BUG", where)
-    result = pytester.runpytest("-p", "isolator", "-rA", *args)
+    result = pytester.runpytest("-p", "isolator", "-rA", "--junitxml=junit.xml", *args)
     no_internal_error(result)
     assert result.ret == pytest.ExitCode.INTERNAL_ERROR
     result.stdout.fnmatch_lines(
         [
             "*= isolator: internal errors =*",
-            "isolator failed * while a test was in flight: each failed that test*",
-            "while running test_one.py::test_*",
+            "isolator failed * time*: a test in flight failed with it, the run went on*",
+            "at the end of the run:" if where == "end" else "while running test_one.py::test_*",
             f"RuntimeError: injected bug: {where}",
         ]
     )
-    if where == "goodbye":
+    assert count_testcases(pytester.path / "junit.xml") == 4
+    if where in ("goodbye", "end"):
         # Every test had its verdict when the bug struck: they stand.
         result.assert_outcomes(passed=4)
         return
