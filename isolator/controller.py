@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import dataclasses
 import faulthandler
+import functools
 import gc
 import os
 import re
@@ -167,6 +168,8 @@ class Controller:
         self.history, self.history_note = history.load(config)
         #: One-line notices for the start of the run: what cannot work here.
         self.notes: list[str] = []
+        #: Under xdist: each note of the nodes', and the nodes that gave it.
+        self.node_notes: dict[str, list[str]] = {}
         #: (test, traceback) for errors of this process's own while a test
         #: was in flight (see _internal_error).
         self.internal_errors: list[tuple[str, str]] = []
@@ -266,19 +269,29 @@ class Controller:
         flight: it fails the item, and the run goes on in a fresh worker
         rather than ending every later test's chance of a verdict."""
         self.internal_errors.append((item.nodeid, text))
-        proc, self.current = self.current, None
-        if proc is not None:
-            # What it was doing, and what it would say next, is unknown.
-            with contextlib.suppress(Exception):
-                self._retire(proc)
+        # What the workers were doing, and what they would say next, is
+        # unknown: every one that was taken ends (one held only in a local
+        # variable would otherwise run its tests a second time, unseen).
+        self._forget_reaped()
+        for proc in list(self._taken):
+            if not proc.exited and proc not in self.ending:
+                with contextlib.suppress(Exception):
+                    self._retire(proc)
+        self.current = self.parked = None
         inflight = self._inflight
         if inflight is None or inflight.item is not item:
             inflight = faults.InFlight(item)
         self._inflight = None
-        inflight.fail(
-            f"isolator failed while running {item.nodeid}; this is a bug in isolator or in "
-            f"a plugin's hook, not in the test (the run goes on in a fresh worker):\n\n{text}"
-        )
+        try:
+            inflight.fail(
+                f"isolator failed while running {item.nodeid}; this is a bug in isolator or "
+                "in a plugin's hook, not in the test (the run goes on in a fresh worker):"
+                f"\n\n{text}"
+            )
+        except Exception:
+            # A hook that raises on every report: the test keeps what the
+            # hooks before it saw, and the rest of the run still goes on.
+            self.internal_errors.append((item.nodeid, traceback.format_exc()))
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
@@ -324,19 +337,15 @@ class Controller:
         if found is not None and found[0] < headroom.TIGHT:
             self._lean = True
             self.notes.append(
-                f"only {max(found[0], 0)} more processes may start here ({found[1]}): workers "
-                "start one at a time, with none forked ahead, and are reaped as they end, so "
-                "that the tests keep that room"
+                f"only {max(found[0], 0)} more processes may start here ({found[1]}): no "
+                "worker is forked ahead, and each is reaped as it ends, so that the tests keep "
+                "that room"
             )
         if hasattr(self.config, "workerinput"):
             # An xdist node's own output goes where no one looks (an execnet
-            # socket server's console, say); a warning reaches the summary of
-            # the pytest the user started.
-            for note in self.notes:
-                self.config.issue_config_time_warning(
-                    pytest.PytestConfigWarning(f"isolator: {note}"), stacklevel=2
-                )
-            self.notes.clear()
+            # socket server's console, say): its notes go to the pytest the
+            # user started, which shows them in its summary.
+            return
         notes = list(self.notes)
         if self.history_note and self.settings.mode == "auto":
             # Said up front: without history, auto is shared.
@@ -369,6 +378,9 @@ class Controller:
             for label, gone in output.get("isolator_leftovers", [])
         )
         self.faults.extend(output.get("isolator_faults", []))
+        workerid = getattr(node, "workerinput", {}).get("workerid", "?")
+        for note in output.get("isolator_notes", []):
+            self.node_notes.setdefault(note, []).append(workerid)
         self.internal_errors.extend(
             (nodeid, text) for nodeid, text in output.get("isolator_internal_errors", [])
         )
@@ -384,6 +396,7 @@ class Controller:
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:
             workeroutput["isolator_internal_errors"] = self.internal_errors
+            workeroutput["isolator_notes"] = self.notes
             # An xdist node: its controller reports for all nodes.
             workeroutput["isolator_memory"] = self.memory.to_dict()
             workeroutput["isolator_lingering"] = self.lingering
@@ -436,12 +449,17 @@ class Controller:
         return (yield)
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.node_notes:
+            terminalreporter.write_sep("=", "isolator: notes from xdist nodes")
+            for note, nodes in self.node_notes.items():
+                terminalreporter.write_line(f"{', '.join(sorted(nodes))}: {note}")
         if self.internal_errors:
             terminalreporter.write_sep("=", "isolator: internal errors")
             times = len(self.internal_errors)
             terminalreporter.write_line(
-                f"isolator failed {times} time{'s' if times > 1 else ''}: a test in flight "
-                "failed with it, the run went on in fresh workers, and the exit code is 3. "
+                f"isolator failed {times} time{'s' if times > 1 else ''} (a bug in isolator, "
+                "or a plugin's hook raising as a report was replayed): a test whose verdict "
+                "was not in yet failed with it, the run went on, and the exit code is 3. "
                 "Please report it with these tracebacks:"
             )
             for nodeid, text in self.internal_errors:
@@ -1041,17 +1059,8 @@ class Controller:
                 self._report_lost(proc, inflight, began)
                 return True
             kind = message[0]
-            if kind == "logstart":
-                inflight.started = True
-                # A plugin that runs the item again (pytest-rerunfailures)
-                # logs it again: the phases of the last attempt are what count.
-                inflight.outcomes.clear()
             if kind in _LOG_MESSAGES:
-                report = self._log(message, ihook)
-                if kind == "logfinish":
-                    inflight.outcomes["logfinish"] = "done"
-                elif isinstance(report, pytest.TestReport) and report.nodeid == item.nodeid:
-                    inflight.outcomes[report.when] = report.outcome
+                self._log(message, ihook, inflight)
             elif kind == "finished":
                 self._stillborn = 0
                 proc.pos += 1
@@ -1061,22 +1070,48 @@ class Controller:
             else:
                 self._dispatch(proc, message)
 
-    def _log(self, message: Message, ihook: HookRelay) -> pytest.TestReport | None:
+    def _log(
+        self, message: Message, ihook: HookRelay, inflight: faults.InFlight | None = None
+    ) -> None:
         """Replay one logstart, report or logfinish through ``ihook`` (the
-        item's hook relay, which leaves out conftests the item is not under)."""
+        item's hook relay, which leaves out conftests the item is not under),
+        noting it in ``inflight``."""
         kind = message[0]
         if kind == "report":
             report: pytest.TestReport = self.config.hook.pytest_report_from_serializable(
                 config=self.config, data=message[1]
             )
             compat.after_unserialize(self.config, report, message[1])
-            ihook.pytest_runtest_logreport(report=report)
-            return report
-        if kind == "logstart":
-            ihook.pytest_runtest_logstart(nodeid=message[1], location=message[2])
+            if inflight is not None and report.nodeid == inflight.item.nodeid:
+                inflight.outcomes[report.when] = report.outcome
+            nodeid = report.nodeid
+            call: Callable[[], object] = functools.partial(
+                ihook.pytest_runtest_logreport, report=report
+            )
+        elif kind == "logstart":
+            if inflight is not None:
+                inflight.started = True
+                # A plugin that runs the item again (pytest-rerunfailures)
+                # logs it again: the phases of the last attempt are what count.
+                inflight.outcomes.clear()
+            nodeid = message[1]
+            call = functools.partial(
+                ihook.pytest_runtest_logstart, nodeid=message[1], location=message[2]
+            )
         else:
-            ihook.pytest_runtest_logfinish(nodeid=message[1], location=message[2])
-        return None
+            if inflight is not None:
+                inflight.outcomes["logfinish"] = "done"
+            nodeid = message[1]
+            call = functools.partial(
+                ihook.pytest_runtest_logfinish, nodeid=message[1], location=message[2]
+            )
+        try:
+            call()
+        except Exception:
+            # A plugin's hook raised (plain pytest would end the run with
+            # INTERNALERROR). The hooks before it saw the message, so the
+            # replay goes on as it was: the test keeps its own verdict.
+            self.internal_errors.append((nodeid, traceback.format_exc()))
 
     def _dispatch(self, proc: WorkerProcess, message: Message) -> None:
         """Messages that are not about the item being replayed."""

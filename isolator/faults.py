@@ -169,6 +169,9 @@ class InFlight:
     def unreported_phase(self) -> Phase | None:
         """The phase a failure in flight belongs to; None if every phase that
         runs has been reported."""
+        if "rerun" in self.outcomes.values():
+            # pytest-rerunfailures reported an attempt, not the verdict.
+            return "setup" if self.outcomes.get("setup") == "rerun" else "call"
         if "setup" not in self.outcomes:
             return "setup"
         if self.outcomes["setup"] == "passed" and "call" not in self.outcomes:

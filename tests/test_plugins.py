@@ -84,6 +84,44 @@ def test_rerunfailures_reruns_inside_the_worker(
     result.stdout.fnmatch_lines(["*test_flaky RERUN*", "*test_flaky PASSED*"])
 
 
+def test_a_hook_that_raises_between_reruns_costs_the_test_nothing(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    """A plugin's hook in the pytest process that raises as the first
+    attempt's logfinish is replayed: the rerun still gives the verdict."""
+    pytester.makeconftest(
+        """
+        import os
+
+        raised = []
+
+        def pytest_runtest_logfinish(nodeid):
+            if "ISOLATOR_WORKER" not in os.environ and not raised:
+                raised.append(nodeid)
+                raise RuntimeError("a plugin's bug")
+        """
+    )
+    pytester.makepyfile(
+        test_flaky="""
+            import pathlib
+
+            def test_flaky():
+                marker = pathlib.Path("tried")
+                if not marker.exists():
+                    marker.write_text("once")
+                    assert False, "first try fails"
+
+            def test_after():
+                pass
+        """
+    )
+    result = isolated.run("module", "-p", "rerunfailures", "--reruns=1", "-v")
+    assert result.ret == pytest.ExitCode.INTERNAL_ERROR
+    assert result.parseoutcomes() == {"passed": 2, "rerun": 1}
+    result.stdout.fnmatch_lines(["*test_flaky RERUN*", "*test_flaky PASSED*"])
+    result.stdout.fnmatch_lines(["while running test_flaky.py::test_flaky:", "*a plugin's bug"])
+
+
 def test_randomly_orders_and_seeds_as_without_isolation(
     pytester: pytest.Pytester, isolated: IsolatedRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:

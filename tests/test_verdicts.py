@@ -387,17 +387,38 @@ BUGGY_PYTEST_PROCESS = """
             raise RuntimeError("injected bug: start")
         return real_worker_for(self, item, nextitem)
 
-    def log(self, message, ihook):
+    def log(self, message, ihook, inflight=None):
         data = message[1] if message[0] == "report" else {}
         test_b_call = str(data.get("nodeid")).endswith("::test_b") and data.get("when") == "call"
         if WHERE == "replay" and test_b_call:
             raise RuntimeError("injected bug: replay")
-        return real_log(self, message, ihook)
+        return real_log(self, message, ihook, inflight)
 
     def dispatch(self, proc, message):
         if WHERE == "goodbye" and message[0] == "done":
             raise RuntimeError("injected bug: goodbye")
         return real_dispatch(self, proc, message)
+
+    real_feed = controller.Controller._feed
+
+    def feed(self, proc, item, nextitem):
+        real_feed(self, proc, item, nextitem)
+        if WHERE == "fed" and item.name == "test_b":
+            raise RuntimeError("injected bug: fed")
+
+    controller.Controller._feed = feed
+
+    # A hook of a plugin's in the pytest process (not in the workers, which
+    # run the same conftest) that raises as test_b's call report passes.
+    raised = []
+
+    def pytest_runtest_logreport(report):
+        if WHERE not in ("hook", "hook-always") or "ISOLATOR_WORKER" in os.environ:
+            return
+        if report.nodeid.endswith("::test_b") and report.when == "call":
+            if WHERE == "hook-always" or not raised:
+                raised.append(1)
+                raise RuntimeError(f"injected bug: {WHERE}")
 
     real_end_orphans = controller.Controller._end_orphans
 
@@ -423,15 +444,23 @@ BUGGY_PYTEST_PROCESS = """
         ("replay", ["--isolate=module", "-n", "2"]),
         ("goodbye", ["--isolate=module"]),
         ("end", ["--isolate=module"]),
+        ("fed", ["--isolate=module"]),
+        ("fed", ["--isolate=test"]),
+        ("hook", ["--isolate=module"]),
+        ("hook-always", ["--isolate=module"]),
     ],
 )
 def test_a_bug_in_the_pytest_process_fails_the_test_in_flight_only(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, where: str, args: list[str]
 ) -> None:
     pytester.makeconftest(BUGGY_PYTEST_PROCESS)
+    record = (
+        "    with open('ran', 'a') as f:\n"
+        "        f.write(__import__('os').environ['PYTEST_CURRENT_TEST'].split()[0] + ' ')\n"
+    )
     pytester.makepyfile(
-        test_one="def test_a():\n    pass\n\ndef test_b():\n    pass\n\ndef test_c():\n    pass\n",
-        test_two="def test_d():\n    pass\n",
+        test_one="".join(f"def test_{name}():\n{record}\n" for name in "abc"),
+        test_two=f"def test_d():\n{record}",
     )
     monkeypatch.setenv("ISOLATOR_TEST_BUG", where)
     result = pytester.runpytest("-p", "isolator", "-rA", "--junitxml=junit.xml", *args)
@@ -440,20 +469,28 @@ def test_a_bug_in_the_pytest_process_fails_the_test_in_flight_only(
     result.stdout.fnmatch_lines(
         [
             "*= isolator: internal errors =*",
-            "isolator failed * time*: a test in flight failed with it, the run went on*",
+            "isolator failed * time* (a bug in isolator, or a plugin's hook raising as a*",
             "at the end of the run:" if where == "end" else "while running test_one.py::test_*",
             f"RuntimeError: injected bug: {where}",
         ]
     )
     assert count_testcases(pytester.path / "junit.xml") == 4
-    if where in ("goodbye", "end"):
-        # Every test had its verdict when the bug struck: they stand.
+    if where in ("goodbye", "end", "hook", "hook-always"):
+        # Every test had its verdict when the bug struck: they stand (the
+        # hooks before the one that raised saw test_b's report).
         result.assert_outcomes(passed=4)
         return
     # Before the worker was chosen it fails in setup, as an error; in the
     # middle of the replay, in the phase being replayed.
-    verdict = "ERROR" if where == "start" else "FAILED"
-    result.assert_outcomes(passed=3, **{"errors" if where == "start" else "failed": 1})
+    verdict = "ERROR" if where in ("start", "fed") else "FAILED"
+    result.assert_outcomes(passed=3, **{"errors" if verdict == "ERROR" else "failed": 1})
+    ran = pytester.path.joinpath("ran").read_text().split()
+    if "--isolate=test" in args:
+        # None ran twice: no worker was left behind to run its test unseen.
+        assert len(ran) == len(set(ran)), ran
+    # (Under --isolate=module the worker runs ahead of the replay, so one
+    # ended mid-unit may have run a test that then runs again in a fresh one.)
+    assert {"test_one.py::test_a", "test_one.py::test_c", "test_two.py::test_d"} <= set(ran)
     result.stdout.fnmatch_lines(
         [
             "isolator failed while running test_one.py::test_b; this is a bug in isolator or "
@@ -599,7 +636,7 @@ def test_a_tight_process_limit_leaves_the_tests_their_room(
     assert "4 passed" in proc.stdout
     assert re.search(
         r"isolator: only 3 more processes may start here \(pids cgroup .*: pids.max \d+\): "
-        r"workers start one at a time",
+        r"no worker is forked ahead, and each is reaped as it ends",
         proc.stdout,
     ), proc.stdout
 
