@@ -63,20 +63,22 @@ def test_pytest_timeout_fails_the_slow_test_in_its_worker(
     result.stdout.fnmatch_lines(["*test_slow FAILED*", "*test_quick PASSED*", "*Timeout*"])
 
 
+#: Fails its first try, passes the next.
+FLAKY = """
+import pathlib
+
+def test_flaky():
+    marker = pathlib.Path("tried")
+    if not marker.exists():
+        marker.write_text("once")
+        assert False, "first try fails"
+"""
+
+
 def test_rerunfailures_reruns_inside_the_worker(
     pytester: pytest.Pytester, isolated: IsolatedRunner
 ) -> None:
-    pytester.makepyfile(
-        test_flaky="""
-            import pathlib
-
-            def test_flaky():
-                marker = pathlib.Path("tried")
-                if not marker.exists():
-                    marker.write_text("once")
-                    assert False, "first try fails"
-        """
-    )
+    pytester.makepyfile(test_flaky=FLAKY)
     plain = isolated.plain("-p", "rerunfailures", "--reruns=2", "-v")
     (pytester.path / "tried").unlink()
     result = isolated.run("test", "-p", "rerunfailures", "--reruns=2", "-v")
@@ -101,20 +103,7 @@ def test_a_hook_that_raises_between_reruns_costs_the_test_nothing(
                 raise RuntimeError("a plugin's bug")
         """
     )
-    pytester.makepyfile(
-        test_flaky="""
-            import pathlib
-
-            def test_flaky():
-                marker = pathlib.Path("tried")
-                if not marker.exists():
-                    marker.write_text("once")
-                    assert False, "first try fails"
-
-            def test_after():
-                pass
-        """
-    )
+    pytester.makepyfile(test_flaky=FLAKY + "\n\ndef test_after():\n    pass\n")
     result = isolated.run("module", "-p", "rerunfailures", "--reruns=1", "-v")
     assert result.ret == pytest.ExitCode.INTERNAL_ERROR
     assert result.parseoutcomes() == {"passed": 2, "rerun": 1}
