@@ -36,6 +36,12 @@ from isolator import cgroup
 from isolator.sizes import format_size
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# Bound once: a test may patch these (monkeypatch in a fixture, mock.patch),
+# and a worker reads its memory while the patch is in place (see ``wire``).
+_pread = os.pread
+_getrusage = resource.getrusage
+_process_time = time.process_time
 #: mallopt parameter that caps the number of malloc arenas (glibc).
 _M_ARENA_MAX = -8
 #: What a USS reading costs per byte resident, until the first one is timed.
@@ -85,8 +91,8 @@ class Probe:
             os.close(self._clear_refs)
 
     def sample(self) -> Sample:
-        fields = os.pread(self._statm, 128, 0).split()
-        usage = resource.getrusage(resource.RUSAGE_SELF)
+        fields = _pread(self._statm, 128, 0).split()
+        usage = _getrusage(resource.RUSAGE_SELF)
         return Sample(
             int(fields[1]) * _PAGE,
             int(fields[0]) * _PAGE,
@@ -102,7 +108,7 @@ class Probe:
 
     def peak_rss_bytes(self) -> int:
         """Highest RSS since the last ``reset_peak``."""
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return _getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # psutil is imported where it is used, never at start-up: importing it costs
@@ -125,7 +131,7 @@ def _own_uss(smaps_rollup_fd: int) -> int:
     """This process's USS, as psutil computes it (the ``Private_*`` lines of
     smaps_rollup), read here without psutil: importing it would cost a worker
     16 ms of CPU, fifty times what a reading costs."""
-    data = os.pread(smaps_rollup_fd, 1 << 14, 0)
+    data = _pread(smaps_rollup_fd, 1 << 14, 0)
     return (
         sum(int(line.split()[1]) for line in data.splitlines() if line.startswith(b"Private_"))
         * 1024
@@ -174,7 +180,7 @@ class Meter:
         # Shares of the worker's time are shares of its CPU time: on a loaded
         # machine wall time passes without the worker doing anything. (Not
         # getrusage's: it moves in scheduler ticks, milliseconds apart.)
-        self._read_at = time.process_time()
+        self._read_at = _process_time()
         self._read_cost_s = now.rss_bytes * _READING_S_PER_BYTE
         #: USS readings taken (for the tests of this class, and curiosity).
         self.readings = 0
@@ -196,7 +202,7 @@ class Meter:
         # On every test boundary, three times per test: kept to a few µs.
         now = self._carried(self.probe.sample())
         drift = now.drift_bytes
-        age_s = time.process_time() - self._read_at
+        age_s = _process_time() - self._read_at
         if (
             (
                 drift > max(_MIN_TOLERANCE, now.rss_bytes >> 6)
@@ -225,7 +231,7 @@ class Meter:
         return self._last
 
     def _read_exactly(self) -> Sample:
-        started = time.process_time()
+        started = _process_time()
         try:
             if self._smaps_rollup < 0:
                 self._smaps_rollup = os.open("/proc/self/smaps_rollup", os.O_RDONLY | os.O_CLOEXEC)
@@ -233,7 +239,7 @@ class Meter:
         except (OSError, ValueError, IndexError):
             uss = None
         now = self.probe.sample()
-        finished = time.process_time()
+        finished = _process_time()
         if uss is None:  # smaps_rollup unreadable: carry on with what we have
             return self._carried(now)
         self._read_cost_s = finished - started

@@ -53,6 +53,7 @@ _write = os.write
 _getpid = os.getpid
 _exit = os._exit
 _dumps = pickle.dumps
+_BytesIO = io.BytesIO
 
 
 class _BuiltinsPickler(pickle.Pickler):
@@ -98,11 +99,11 @@ def _shallow(obj: object, depth: int = 0) -> object:
 
 
 def dumps_builtins(message: Message) -> bytes:
-    buffer = io.BytesIO()
+    buffer = _BytesIO()
     try:
         _BuiltinsPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
     except RecursionError:
-        buffer = io.BytesIO()
+        buffer = _BytesIO()
         _BuiltinsPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(_shallow(message))
     return buffer.getvalue()
 

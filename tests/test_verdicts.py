@@ -510,9 +510,14 @@ def test_a_test_that_patches_what_reports_are_sent_with_keeps_its_verdict(
     made the worker take itself for a fork of a test's and leave)."""
     pytester.makepyfile(
         test_patches="""
-            import os, pickle
+            import io, os, pickle, resource, time
             from unittest import mock
             import pytest
+
+            @pytest.fixture
+            def patched(monkeypatch, module, name, fake):
+                # From the test's setup to its teardown.
+                monkeypatch.setattr(module, name, fake)
 
             @pytest.mark.parametrize(
                 ("module", "name", "fake"),
@@ -521,18 +526,22 @@ def test_a_test_that_patches_what_reports_are_sent_with_keeps_its_verdict(
                     (os, "write", mock.Mock(side_effect=OSError(5, "EIO"))),
                     (os, "getpid", lambda: 12345),
                     (os, "_exit", mock.Mock()),
+                    (os, "pread", mock.Mock(side_effect=OSError(5, "EIO"))),
                     (pickle, "dumps", mock.Mock(side_effect=TypeError("no"))),
+                    (io, "BytesIO", mock.Mock(side_effect=TypeError("no"))),
+                    (resource, "getrusage", mock.Mock(side_effect=OSError(5, "EIO"))),
+                    (time, "process_time", mock.Mock(return_value="never")),
                 ],
             )
-            def test_patched(monkeypatch, module, name, fake):
-                monkeypatch.setattr(module, name, fake)
+            def test_patched(patched):
+                pass
 
             def test_after():
                 pass
         """
     )
     result = pytester.runpytest_subprocess("-p", "isolator", f"--isolate={mode}", timeout=60)
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=10)
 
 
 def _words_of(path: Path) -> list[str]:
