@@ -208,6 +208,8 @@ class Controller:
         self._lean = False
         #: In the zygote and its workers: the zygote's PID.
         self._zygote_pid = -1
+        #: SIGCHLD as the tests set it (the zygote reaps with the default).
+        self._tests_sigchld: Any = None
         #: The signal mask workers start with (this process's, before the
         #: zygote blocked the stop signals for good).
         self._worker_sigmask: set[int] = set()
@@ -915,6 +917,11 @@ class Controller:
         # with SIGINT ignored (a background job of a shell script), and
         # the worker would inherit that.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # A conftest may have ignored SIGCHLD, or installed a handler that
+        # reaps: the zygote would then lose its workers' exit statuses. It
+        # reaps with the default; each worker gets the tests' setting back.
+        self._tests_sigchld = signal.getsignal(signal.SIGCHLD)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         # The zygote is forked while pytest runs the first item, inside its
         # ``filterwarnings`` marks: without this every worker would inherit
         # them, and a later test's warning would be an error, say.
@@ -964,6 +971,8 @@ class Controller:
             beacon = Beacon(beacon_fd)
             beacon.release_fd()
             signal.pthread_sigmask(signal.SIG_SETMASK, self._worker_sigmask)
+            if self._tests_sigchld is not None:
+                signal.signal(signal.SIGCHLD, self._tests_sigchld)
             os.setpgid(0, 0)
             if self._prctl is not None:
                 self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

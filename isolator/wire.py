@@ -29,10 +29,12 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-_HEADER = struct.Struct("<I")
+#: 8 bytes: a test may capture more than 4 GiB of output, and plain pytest
+#: reports it.
+_HEADER = struct.Struct("<Q")
 _READ_CHUNK = 1 << 16
-#: Larger than any message a worker sends; a header saying more is garbage.
-_MAX_FRAME = 1 << 30
+#: Larger than any message a worker sends (1 TiB); a header saying more is garbage.
+_MAX_FRAME = 1 << 40
 
 Message = tuple[Any, ...]
 
@@ -147,6 +149,11 @@ class Sender:
             try:
                 written = _write(self.fd, data)
             except InterruptedError:
+                continue
+            except BlockingIOError:
+                # A test set O_NONBLOCK on descriptors it did not open, this
+                # pipe among them: block, as the write was meant to.
+                os.set_blocking(self.fd, True)
                 continue
             except OSError as exc:
                 if exc.errno in (errno.EBADF, errno.EPIPE) and self._on_lost is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import IsolatedRunner
+from isolator import wire
 
 CRASHY = {
     "test_crashy": """
@@ -514,6 +517,77 @@ def test_a_worker_that_left_its_process_group_is_still_ended(
     result.assert_outcomes(passed=1, failed=1)
 
 
+@pytest.mark.parametrize("setting", ["ignored", "reaping-handler"])
+def test_sigchld_set_at_collection_keeps_crash_causes_and_reaches_the_tests(
+    pytester: pytest.Pytester, setting: str
+) -> None:
+    """A conftest that ignores SIGCHLD, or reaps in a handler of its own, must
+    not take the workers' exit statuses from the zygote; tests still see it."""
+    pytester.makeconftest(
+        f"""
+        import os, signal
+
+        def reap(signum, frame):
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            except ChildProcessError:
+                pass
+
+        IGNORED = {setting == "ignored"}
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN if IGNORED else reap)
+        """
+    )
+    pytester.makepyfile(
+        test_sigchld="""
+            import os, signal
+
+            def test_abort():
+                os.abort()
+
+            def test_exit_code():
+                os._exit(7)
+
+            def test_setting_is_the_tests():
+                assert signal.getsignal(signal.SIGCHLD) is not signal.SIG_DFL
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "isolator", "--isolate=test")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*was killed by signal 6 (SIGABRT) while running test_sigchld.py::test_abort*",
+            "*exited with code 7 while running test_sigchld.py::test_exit_code*",
+        ],
+        consecutive=False,
+    )
+    assert "SIGKILL" not in result.stdout.str()
+
+
+def test_a_test_that_makes_every_descriptor_non_blocking_keeps_its_verdict(
+    pytester: pytest.Pytester,
+) -> None:
+    """The report pipe among them: the worker's writes must still block."""
+    pytester.makepyfile(
+        test_nonblocking="""
+            import os
+
+            def test_loud():
+                for fd in range(3, 256):
+                    try:
+                        os.set_blocking(fd, False)
+                    except OSError:
+                        pass
+                print("x" * (2 << 20))
+
+            def test_after():
+                pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "isolator", "--isolate=module", "-rP")
+    result.assert_outcomes(passed=2)
+
+
 def test_lingering_threads_are_named_in_the_summary(
     pytester: pytest.Pytester, isolated: IsolatedRunner
 ) -> None:
@@ -766,3 +840,21 @@ def test_empty_mode_is_an_error_not_off(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-p", "isolator", "--isolate=")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: isolator: --isolate: '' is not an isolation mode *"])
+
+
+def test_a_report_of_over_4_gib_is_announced_not_refused() -> None:
+    """A test may capture more output than 4 GiB (plain pytest reports it);
+    only a header beyond any real message reads as garbage."""
+    read_fd, write_fd = os.pipe()
+    try:
+        receiver = wire.Receiver(read_fd)
+        os.write(write_fd, struct.pack("<Q", 5 << 30))
+        assert receiver.fill()
+        assert not receiver.garbled
+        os.write(write_fd, struct.pack("<Q", 1 << 62))
+        receiver = wire.Receiver(read_fd)
+        assert receiver.fill()
+        assert receiver.garbled
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
