@@ -1075,6 +1075,14 @@ class Controller:
                 proc.pos += 1
                 proc.last_nodeid = message[1]
                 self.memory.test_done(proc.label, message[1], message[2])
+                # A stop a test or a hook decided in the worker (session.
+                # shouldstop, shouldfail) is the run's, as it is plainly.
+                session = item.session
+                shouldstop, shouldfail = message[3], message[4]
+                if shouldstop and not session.shouldstop:
+                    session.shouldstop = shouldstop
+                if shouldfail and not session.shouldfail:
+                    session.shouldfail = shouldfail
                 return True
             else:
                 self._dispatch(proc, message)

@@ -257,7 +257,10 @@ class WorkerPlugin:
         # The item is over only now: a plugin may log it more than once
         # (pytest-rerunfailures logs each attempt from logstart to
         # logfinish), and its warnings are recorded after its logfinish.
-        self.sender.send("finished", item.nodeid, self._test_stats)
+        session = item.session
+        self.sender.send(
+            "finished", item.nodeid, self._test_stats, session.shouldstop, session.shouldfail
+        )
         self.sender.flush()
         return result
 

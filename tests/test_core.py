@@ -363,3 +363,51 @@ def test_bad_ini_mode_names_the_file(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-p", "isolator")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: isolator: ini option 'isolate' in tox.ini: 'always' *"])
+
+
+@pytest.mark.parametrize("mode", ["module", "test"])
+def test_a_stop_decided_in_the_worker_stops_the_run(
+    pytester: pytest.Pytester, isolated: IsolatedRunner, mode: str
+) -> None:
+    """session.shouldstop or shouldfail set by a hook or a test, which run in
+    the worker, ends the run as it does without isolation."""
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.hookimpl(wrapper=True)
+        def pytest_runtest_makereport(item, call):
+            report = yield
+            if report.failed and item.name == "test_critical":
+                item.session.shouldstop = f"critical test {item.name} failed"
+            return report
+        """
+    )
+    pytester.makepyfile(
+        test_stop="""
+            def test_first():
+                pass
+
+            def test_critical():
+                assert False
+
+            def test_never():
+                pass
+        """,
+        test_fail="""
+            def test_says_fail(request):
+                request.session.shouldfail = "a test said so"
+
+            def test_never_either():
+                pass
+        """,
+    )
+    plain = isolated.plain("-p", "no:randomly", "test_stop.py")
+    result = isolated.run(mode, "test_stop.py")
+    assert result.ret == plain.ret == pytest.ExitCode.INTERRUPTED
+    assert result.parseoutcomes() == plain.parseoutcomes() == {"passed": 1, "failed": 1}
+    result.stdout.fnmatch_lines(["*Interrupted: critical test test_critical failed*"])
+    plain = isolated.plain("-p", "no:randomly", "test_fail.py")
+    result = isolated.run(mode, "test_fail.py")
+    assert result.ret == plain.ret
+    assert result.parseoutcomes() == plain.parseoutcomes() == {"passed": 1}
