@@ -974,6 +974,12 @@ class Controller:
             if self._tests_sigchld is not None:
                 signal.signal(signal.SIGCHLD, self._tests_sigchld)
             os.setpgid(0, 0)
+            # Its own process group is never the terminal's foreground one:
+            # a test that sets the terminal's modes (getpass, stty) would be
+            # stopped by the kernel (and the run with it) where it works
+            # plainly, and one that reads it would stop rather than fail.
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            signal.signal(signal.SIGTTIN, signal.SIG_IGN)
             if self._prctl is not None:
                 self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != self._zygote_pid:

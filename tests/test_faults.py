@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pty
+import select
 import signal
 import struct
 import subprocess
@@ -586,6 +589,60 @@ def test_a_test_that_makes_every_descriptor_non_blocking_keeps_its_verdict(
     )
     result = pytester.runpytest_subprocess("-p", "isolator", "--isolate=module", "-rP")
     result.assert_outcomes(passed=2)
+
+
+def _pytest_on_a_terminal(cwd: Path, *args: str, timeout_s: float = 60) -> str:
+    """pytest run as the foreground job of a terminal of its own (a pty): its
+    output, or a failure if it does not end in ``timeout_s``."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover (the child execs at once)
+        os.chdir(cwd)
+        os.execv(sys.executable, [sys.executable, "-m", "pytest", *args])
+    output = b""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"pytest did not end: {output.decode(errors='replace')}"
+            if select.select([fd], [], [], left)[0]:
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except OSError:  # EIO: the terminal's other side closed
+                    break
+                if not chunk:
+                    break
+                output += chunk
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    return output.decode(errors="replace")
+
+
+def test_a_test_that_sets_the_terminals_modes_is_not_stopped(pytester: pytest.Pytester) -> None:
+    """A worker is in a process group of its own, never the terminal's
+    foreground one: the kernel would stop it (SIGTTOU) as it sets the
+    terminal's modes, as getpass and stty do, and the run would hang."""
+    pytester.makepyfile(
+        test_terminal="""
+            import os, termios
+
+            def test_modes():
+                fd = os.open("/dev/tty", os.O_RDWR)
+                try:
+                    termios.tcsetattr(fd, termios.TCSANOW, termios.tcgetattr(fd))
+                finally:
+                    os.close(fd)
+
+            def test_after():
+                pass
+        """
+    )
+    output = _pytest_on_a_terminal(
+        pytester.path, "-p", "isolator", "--isolate=test", "-p", "no:randomly", "--color=no"
+    )
+    assert "2 passed" in output, output
 
 
 def test_lingering_threads_are_named_in_the_summary(
