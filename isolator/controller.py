@@ -46,7 +46,7 @@ from isolator.cgroup import WAYS_OUT, WorkerCgroups
 from isolator.memory import uss_bytes
 from isolator.process import WorkerProcess
 from isolator.schedule import Schedule
-from isolator.settings import Settings, overrides_key, read_marker
+from isolator.settings import Settings, overrides_key, overrides_of, read_marker
 from isolator.sizes import format_size
 from isolator.stats import RunMemory
 from isolator.wire import Message, Sender
@@ -1040,8 +1040,24 @@ class Controller:
         False if the worker ended without starting the item."""
         ihook = item.ihook
         inflight = self._inflight = faults.InFlight(item)
+        every_s = self.settings.sample_interval_s
+        period = every_s
+        limit_s = overrides_of(item).timeout_s or self.settings.timeout_s
+        overdue = _Overdue(proc, self.schedule.position(item), limit_s) if limit_s else None
+        if overdue is not None:
+            period = min(every_s or _OVERDUE_CHECK_S, _OVERDUE_CHECK_S)
+        sampled_at = time.monotonic()
+
+        def on_wait() -> None:
+            nonlocal sampled_at
+            if every_s is not None and time.monotonic() - sampled_at >= every_s:
+                sampled_at = time.monotonic()
+                self._sample(proc)
+            if overdue is not None:
+                overdue.check()
+
         while True:
-            message = proc.next_message(self.settings.sample_interval_s, lambda: self._sample(proc))
+            message = proc.next_message(period, on_wait)
             if message is None:
                 # The beacon knows a test began even when the worker died
                 # before the word reached the pipe.
@@ -1288,6 +1304,35 @@ class Controller:
                 (self.memory.name(proc.label), f"after {item.nodeid} reported:\n{proc.fault}")
             )
         proc.pos += 1
+
+
+#: How long past its timeout a test's worker may run before the pytest
+#: process kills it (its own watchdog fires at the timeout), and how often
+#: that is checked while waiting for it.
+_OVERDUE_GRACE_S = 5.0
+_OVERDUE_CHECK_S = 0.5
+
+
+class _Overdue:
+    """The pytest process's own deadline for a test under a timeout, in case
+    the worker's watchdog never fires: a test that cancelled or re-armed it
+    (faulthandler), replaced the process (exec), or stopped it (SIGSTOP)."""
+
+    def __init__(self, proc: WorkerProcess, position: int | None, limit_s: float) -> None:
+        self.proc = proc
+        self.position = position
+        self.limit_s = limit_s
+        self.began_at: float | None = None
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if self.began_at is None:
+            if self.proc.began(self.position):
+                self.began_at = now
+            return
+        if now - self.began_at > self.limit_s + _OVERDUE_GRACE_S and not self.proc.exited:
+            self.proc.overdue_s = self.limit_s
+            self.proc.signal(signal.SIGKILL)
 
 
 @dataclasses.dataclass(eq=False)

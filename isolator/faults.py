@@ -63,6 +63,7 @@ def how_it_ended(
     garbled: str | None = None,
     ceiling: str | None = None,
     parent: str | None = None,
+    overdue_s: float | None = None,
 ) -> Ending:
     """The one account of an abnormal end that both the failed test and the
     worker table give, most telling cause first. ``parent``: how the zygote
@@ -82,6 +83,12 @@ def how_it_ended(
             "open?) and could not report",
         )
     timeout = timed_out_after(stacks)
+    if timeout is None and overdue_s is not None:
+        return Ending(
+            f"timed out after {overdue_s:g}s",
+            f"timed out after {overdue_s:g}s and was killed by the pytest process (its "
+            "watchdog did not fire: the test cancelled it, replaced the process or stopped it)",
+        )
     if timeout is not None:
         return Ending(
             f"timed out after {timeout:g}s", f"timed out after {timeout:g}s and was killed"

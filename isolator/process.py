@@ -73,6 +73,8 @@ class WorkerProcess:
         self.fault: str | None = None
         #: Why the parent could not read what the worker sent, if it could not.
         self.garbled: str | None = None
+        #: The timeout, if the pytest process killed it for running past it.
+        self.overdue_s: float | None = None
         self.beacon = beacon
         self.receiver = Receiver(read_fd)
         self.go_fd = go_fd
@@ -122,6 +124,7 @@ class WorkerProcess:
         cgroup = self.cgroup_ending
         return faults.how_it_ended(
             self.wait_status,
+            overdue_s=self.overdue_s,
             stacks=self.fault_stacks,
             fault=self.fault,
             pipe_lost=self.beacon.pipe_lost,

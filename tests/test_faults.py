@@ -645,6 +645,45 @@ def test_a_test_that_sets_the_terminals_modes_is_not_stopped(pytester: pytest.Py
     assert "2 passed" in output, output
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "faulthandler.cancel_dump_traceback_later()\n    time.sleep(60)",
+        "faulthandler.dump_traceback_later(1000)\n    time.sleep(60)",
+        "os.execvp('sleep', ['sleep', '60'])",
+        "os.kill(os.getpid(), signal.SIGSTOP)",
+    ],
+    ids=["cancelled", "re-armed", "exec", "stopped"],
+)
+def test_a_test_that_defeats_its_workers_watchdog_still_times_out(
+    pytester: pytest.Pytester, body: str
+) -> None:
+    """The worker's watchdog is a thread in the worker; the pytest process
+    keeps a deadline of its own, a little later, for when it never fires."""
+    pytester.makepyfile(
+        test_defeats=f"""
+import faulthandler, os, signal, time
+
+def test_defeats():
+    {body}
+
+def test_after():
+    pass
+"""
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "isolator", "--isolate=module", "--isolate-timeout=1", timeout=60
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*timed out after 1s and was killed by the pytest process (its watchdog did not "
+            "fire: the test cancelled it, replaced the process or stopped it) while running "
+            "test_defeats.py::test_defeats (call)*"
+        ]
+    )
+
+
 def test_lingering_threads_are_named_in_the_summary(
     pytester: pytest.Pytester, isolated: IsolatedRunner
 ) -> None:
