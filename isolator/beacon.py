@@ -19,8 +19,8 @@ import os
 import struct
 
 # Position + 1 in session.items of the item whose protocol began last (0:
-# none yet); flags.
-_LAYOUT = struct.Struct("<qq")
+# none yet); flags; how many times the worker armed its watchdog.
+_LAYOUT = struct.Struct("<qqq")
 _LOST_PIPE = 1
 
 
@@ -52,12 +52,24 @@ class Beacon:
 
     def began(self, position: int) -> None:
         """The worker starts the item at ``position`` in ``session.items``."""
-        _LAYOUT.pack_into(self._page, 0, position + 1, self._flags())
+        _, flags, armings = _LAYOUT.unpack_from(self._page, 0)
+        _LAYOUT.pack_into(self._page, 0, position + 1, flags, armings)
 
     def lost_pipe(self) -> None:
         """The worker can no longer write to its parent."""
-        position, flags = _LAYOUT.unpack_from(self._page, 0)
-        _LAYOUT.pack_into(self._page, 0, position, flags | _LOST_PIPE)
+        position, flags, armings = _LAYOUT.unpack_from(self._page, 0)
+        _LAYOUT.pack_into(self._page, 0, position, flags | _LOST_PIPE, armings)
+
+    def armed(self) -> None:
+        """The worker armed its watchdog for an attempt at a test (there may
+        be several per item: pytest-rerunfailures)."""
+        position, flags, armings = _LAYOUT.unpack_from(self._page, 0)
+        _LAYOUT.pack_into(self._page, 0, position, flags, armings + 1)
+
+    @property
+    def armings(self) -> int:
+        value: int = _LAYOUT.unpack_from(self._page, 0)[2]
+        return value
 
     def _flags(self) -> int:
         flags: int = _LAYOUT.unpack_from(self._page, 0)[1]

@@ -1058,6 +1058,9 @@ class Controller:
 
         while True:
             message = proc.next_message(period, on_wait)
+            if overdue is not None:
+                # Also while messages flow (on_wait runs only when none do).
+                overdue.check()
             if message is None:
                 # The beacon knows a test began even when the worker died
                 # before the word reached the pipe.
@@ -1273,7 +1276,11 @@ class Controller:
         hint = ""
         if proc.killed_by_ceiling:
             hint = f"\n{WAYS_OUT}"
-        elif faults.killed_by(proc.wait_status) == signal.SIGKILL and not proc.zygote_ending():
+        elif (
+            faults.killed_by(proc.wait_status) == signal.SIGKILL
+            and not proc.zygote_ending()
+            and proc.overdue_s is None
+        ):
             worker_memory = self.memory.workers.get(proc.label)
             if worker_memory is not None:
                 hint = (
@@ -1323,13 +1330,19 @@ class _Overdue:
         self.position = position
         self.limit_s = limit_s
         self.began_at: float | None = None
+        self.armings = -1
 
     def check(self) -> None:
         now = time.monotonic()
-        if self.began_at is None:
-            if self.proc.began(self.position):
-                self.began_at = now
+        if not self.proc.began(self.position):
             return
+        armings = self.proc.beacon.armings
+        if armings != self.armings:
+            # The item began, or another attempt at it did (the worker's
+            # watchdog times each one): so does this deadline.
+            self.armings, self.began_at = armings, now
+            return
+        assert self.began_at is not None
         if now - self.began_at > self.limit_s + _OVERDUE_GRACE_S and not self.proc.exited:
             self.proc.overdue_s = self.limit_s
             self.proc.signal(signal.SIGKILL)

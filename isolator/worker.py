@@ -194,6 +194,9 @@ class WorkerPlugin:
             # faulthandler keeps one timer and pytest's faulthandler_timeout
             # arms its own when the protocol starts; ours must be the last.
             faulthandler.dump_traceback_later(self._timeout_s, exit=True, file=self.limits.fault_fd)
+            if self.beacon is not None:
+                # The pytest process times each attempt from here too.
+                self.beacon.armed()
         self._test_start = self._after_setup = self.meter.start_test(self._growth_limit)
         self.test_starts.append((time.clock_gettime(time.CLOCK_BOOTTIME), nodeid))
         self.sender.send("logstart", nodeid, location)

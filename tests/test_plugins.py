@@ -111,6 +111,28 @@ def test_a_hook_that_raises_between_reruns_costs_the_test_nothing(
     result.stdout.fnmatch_lines(["while running test_flaky.py::test_flaky:", "*a plugin's bug"])
 
 
+def test_reruns_are_each_given_the_whole_timeout(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    """The worker's watchdog times each attempt; so must the pytest process's
+    own deadline, though together the attempts run far past it."""
+    pytester.makepyfile(
+        test_slow_flaky="""
+            import pathlib, time
+
+            def test_slow_flaky():
+                tries = pathlib.Path("tries")
+                tries.write_text(tries.read_text() + "x" if tries.exists() else "x")
+                time.sleep(0.9)  # the attempt's work, under the 1 s timeout
+                assert len(tries.read_text()) == 8
+        """
+    )
+    result = isolated.run(
+        "module", "-p", "rerunfailures", "--reruns=7", "--isolate-timeout=1", "-p", "no:randomly"
+    )
+    assert result.parseoutcomes() == {"passed": 1, "rerun": 7}
+
+
 def test_randomly_orders_and_seeds_as_without_isolation(
     pytester: pytest.Pytester, isolated: IsolatedRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
