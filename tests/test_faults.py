@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pty
-import select
 import signal
 import struct
 import subprocess
@@ -591,33 +588,35 @@ def test_a_test_that_makes_every_descriptor_non_blocking_keeps_its_verdict(
     result.assert_outcomes(passed=2)
 
 
-def _pytest_on_a_terminal(cwd: Path, *args: str, timeout_s: float = 60) -> str:
-    """pytest run as the foreground job of a terminal of its own (a pty): its
-    output, or a failure if it does not end in ``timeout_s``."""
-    pid, fd = pty.fork()
-    if pid == 0:  # pragma: no cover (the child execs at once)
-        os.chdir(cwd)
-        os.execv(sys.executable, [sys.executable, "-m", "pytest", *args])
-    output = b""
-    deadline = time.monotonic() + timeout_s
+#: Runs pytest as the foreground job of a terminal of its own (a pty) and
+#: prints what it wrote. A fresh, single-threaded process forks the pty: the
+#: test process may have threads, and forkpty() there could deadlock.
+ON_A_TERMINAL = """
+import os, pty, sys
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "pytest", *sys.argv[1:]])
+while True:
     try:
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"pytest did not end: {output.decode(errors='replace')}"
-            if select.select([fd], [], [], left)[0]:
-                try:
-                    chunk = os.read(fd, 1 << 16)
-                except OSError:  # EIO: the terminal's other side closed
-                    break
-                if not chunk:
-                    break
-                output += chunk
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(fd)
-    return output.decode(errors="replace")
+        chunk = os.read(fd, 1 << 16)
+    except OSError:  # EIO: the terminal's other side closed
+        break
+    if not chunk:
+        break
+    sys.stdout.buffer.write(chunk)
+os.waitpid(pid, 0)
+"""
+
+
+def _pytest_on_a_terminal(cwd: Path, *args: str) -> str:
+    """pytest's output, run as the foreground job of a terminal of its own."""
+    done = subprocess.run(
+        [sys.executable, "-c", ON_A_TERMINAL, *args],
+        cwd=cwd,
+        capture_output=True,
+        timeout=60,
+    )
+    return done.stdout.decode(errors="replace")
 
 
 def test_a_test_that_sets_the_terminals_modes_is_not_stopped(pytester: pytest.Pytester) -> None:
