@@ -208,6 +208,8 @@ class Controller:
         self._lean = False
         #: In the zygote and its workers: the zygote's PID.
         self._zygote_pid = -1
+        #: This process froze its objects for the run (see _start_zygote).
+        self._froze = False
         #: SIGCHLD as the tests set it (the zygote reaps with the default).
         self._tests_sigchld: Any = None
         #: The signal mask workers start with (this process's, before the
@@ -519,6 +521,12 @@ class Controller:
         if self._zygote is not None:
             self._zygote.close()
             self._zygote = None
+        if self._froze:
+            self._froze = False
+            # Frozen objects are hidden from gc.get_referrers() and
+            # gc.get_objects(), which plugins use as the run ends (hypothesis
+            # does, when imported at the terminal summary).
+            gc.unfreeze()
         if self._forks is not None:
             self._end_orphans(None)
             self._forks.close()
@@ -874,6 +882,13 @@ class Controller:
 
     def _start_zygote(self) -> Zygote:
         """Fork the zygote (see ``zygote``) from this process as it is now."""
+        # Objects that exist now are shared with the workers page by page;
+        # frozen, they are out of every collector's way (bpo-31558): the
+        # workers' (which would copy each page it writes to) and this
+        # process's, which would otherwise walk all of them again and again
+        # as replayed reports pile up. Undone when the run ends (shutdown).
+        gc.freeze()
+        self._froze = True
         self.plugin.parent_modules = forking.module_names()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
@@ -942,12 +957,6 @@ class Controller:
                             os.close(fd)
         if self._zygote is not None:
             self._zygote.forget()
-        # Objects that exist now are shared with the workers page by page;
-        # freezing them keeps a worker's collector from writing to every one
-        # of them (which would copy the pages) (bpo-31558). Here, not in the
-        # pytest process: frozen objects are hidden from gc.get_referrers()
-        # and gc.get_objects(), which plugins there use (hypothesis does).
-        gc.freeze()
 
     def _enrol_worker(self, payload: bytes) -> None:
         """In a worker the zygote just forked, first thing: if the zygote
