@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import IsolatedRunner
+from isolator import cgroup
 
 MODES = ["module", "test", "marked", "shared"]
 #: The same, plus module mode spread over two pytest-xdist nodes.
@@ -544,13 +545,6 @@ def test_a_test_that_patches_what_reports_are_sent_with_keeps_its_verdict(
     result.assert_outcomes(passed=10)
 
 
-def _words_of(path: Path) -> list[str]:
-    try:
-        return path.read_text().split()
-    except OSError:
-        return []
-
-
 def _pids_cgroup_or_skip(name: str) -> Path:
     """A new cgroup of the pids controller (v1, or the root of v2), or skip."""
     if os.geteuid() != 0:
@@ -562,7 +556,7 @@ def _pids_cgroup_or_skip(name: str) -> Path:
         if after[0] == "cgroup" and "pids" in after[2].split(","):
             break
         controllers = mount / "cgroup.subtree_control"
-        if after[0] == "cgroup2" and "pids" in _words_of(controllers):
+        if after[0] == "cgroup2" and "pids" in cgroup.words(controllers):
             break
     else:
         pytest.skip("no cgroup hierarchy with the pids controller is mounted here")
