@@ -4,12 +4,21 @@
 holds, one per 4 KB page, and the worker tears them all down again when it
 ends: measured here, 24 ms of CPU per worker for a pytest process that
 imported torch (229 MB), about half of it in the fork and half in the exit.
-A 2 MB transparent huge page takes one entry instead of 512. So once, after
-collection and before the first worker is forked, the controller asks the
-kernel to collapse the anonymous memory it holds into huge pages
-(``MADV_COLLAPSE``, Linux 6.1), 2 MB extent by 2 MB extent, and only extents
-it already holds nearly whole, so that the process hardly grows. Memory allocated later
-keeps its small pages (the system's THP setting decides that, as before).
+A 2 MB transparent huge page takes one entry instead of 512. So the
+controller asks the kernel to collapse the anonymous memory it holds into
+huge pages (``MADV_COLLAPSE``, Linux 6.1), 2 MB extent by 2 MB extent, and
+only extents it already holds nearly whole, so that the process hardly grows.
+Memory allocated later keeps its small pages (the system's THP setting
+decides that, as before).
+
+It does so twice. First on a thread of its own, from the start of
+collection, over what the process holds by then (the conftests' imports,
+which are most of a big process): the ``madvise`` calls let go of the GIL, so
+this runs on another core while pytest collects. Then once more after
+collection, before the first worker is forked, over what is not huge yet
+(an extent already huge costs about 2 µs to ask again). Only the second is
+in the way of the first test: in the torch process, 1 to 6 ms against 40 to
+350 ms for the whole collapse (see Cost in the README).
 
 What does not change: a write to a shared huge page, by a worker or by the
 controller, splits that mapping into small pages in the writing process and
@@ -32,6 +41,7 @@ import errno
 import mmap
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 
@@ -150,8 +160,9 @@ def resident_extents(libc: _Libc, extents: Iterator[int]) -> list[int]:
     ]
 
 
-def collapse_anonymous_memory() -> Collapse:
-    """Collapse the resident anonymous memory of this process into huge pages."""
+def collapse_anonymous_memory(stop: threading.Event | None = None) -> Collapse:
+    """Collapse the resident anonymous memory of this process into huge
+    pages (stopping early once ``stop`` is set)."""
     begin = time.perf_counter()
     libc = _libc()
     if libc is None:
@@ -163,6 +174,8 @@ def collapse_anonymous_memory() -> Collapse:
     collapsed = refused = 0
     error = 0
     for extent in extents:
+        if stop is not None and stop.is_set():
+            break
         failed = libc.collapse(extent)
         if not failed:
             collapsed += _HUGE
@@ -214,13 +227,40 @@ def module_names() -> frozenset[str]:
     return names
 
 
+class _Early:
+    """The first collapse, on a thread of its own while pytest collects."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.result: Collapse | None = None
+        self._thread = threading.Thread(target=self._run, name="isolator-collapse", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        # An error here would reach pytest as an unhandled thread exception
+        # (a warning, an error under -W error): the second pass does it all.
+        with contextlib.suppress(Exception):
+            self.result = collapse_anonymous_memory(self.stop)
+
+    def finish(self, wanted: bool) -> Collapse | None:
+        """Wait for it to end (at once, if it is no longer ``wanted``): no
+        thread of ours may be running when the zygote is forked."""
+        if not wanted:
+            self.stop.set()
+        self._thread.join()
+        return self.result
+
+
 class ForkPrep:
     """Plugin: readies the controller's process for forking, once."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
-        #: What the collapse did, once the run began.
+        #: What the collapse did, once the run began: while pytest collected,
+        #: then after collection.
+        self.early: Collapse | None = None
         self.collapse: Collapse | None = None
+        self._early: _Early | None = None
 
     def pytest_report_header(self, config: pytest.Config) -> str | None:
         """One line, only when the machine has no huge pages to give and the
@@ -235,10 +275,24 @@ class ForkPrep:
             f"(README: Cost): {reason}"
         )
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection(self, session: pytest.Session) -> None:
+        config = session.config
+        # Not in a process that collects nothing to run (--collect-only; the
+        # pytest-xdist controller, whose nodes collect for themselves).
+        if config.option.collectonly or config.pluginmanager.has_plugin("dsession"):
+            return
+        if _libc() is not None:
+            self._early = _Early()
+
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> Generator[None, object, object]:
-        if not session.config.option.collectonly and (
+        wanted = not session.config.option.collectonly and (
             expected_forks(self.mode, session.items) >= MIN_FORKS
-        ):
+        )
+        if self._early is not None:
+            self.early = self._early.finish(wanted)
+            self._early = None
+        if wanted:
             self.collapse = collapse_anonymous_memory()
         return (yield)

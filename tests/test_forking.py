@@ -190,3 +190,47 @@ def test_only_nearly_whole_extents_are_collapsed_so_the_process_hardly_grows(
     assert 36 * MB <= figures["huge"] <= 40 * MB, figures
     # Filling the holes of what was collapsed: 5% of it.
     assert figures["growth"] <= figures["huge"] // 20 + 64 * 1024, figures
+
+
+#: Imported while pytest collects: waits (up to 20 s) until the pytest
+#: process holds the conftest's data in huge pages, and says whether it did.
+WAITS_DURING_COLLECTION = """
+    import json, os, time
+
+    def huge_bytes():
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    deadline = time.monotonic() + 20
+    while huge_bytes() < 64 * 1024 * 1024 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open(os.environ["FIGURES"], "w") as f:
+        json.dump({"huge_during_collection": huge_bytes()}, f)
+
+    def test_one(): pass
+"""
+
+
+def test_memory_is_collapsed_while_pytest_collects(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The collapse is not in the first test's way: it runs on a thread while
+    the test modules are imported (here, one that waits to see it happen),
+    and only what collection added is left for after it."""
+    _skip_without_huge_pages()
+    pytester.makeconftest(BIG_CONFTEST.format(mb=96))
+    pytester.makepyfile(test_a=WAITS_DURING_COLLECTION)
+    pytester.makepyfile(
+        test_b="import pytest\n\n@pytest.mark.parametrize('n', range(60))\ndef test_b(n): pass\n"
+    )
+    figures_path = pytester.path / "figures.json"
+    monkeypatch.setenv("FIGURES", str(figures_path))
+    # A process of its own: huge pages an earlier test left in this one
+    # would be seen too.
+    result = pytester.runpytest_subprocess("-p", "isolator", "--isolate=test")
+    result.assert_outcomes(passed=61)
+    figures = json.loads(figures_path.read_text())
+    assert figures["huge_during_collection"] >= 64 * MB, figures
