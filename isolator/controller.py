@@ -206,6 +206,8 @@ class Controller:
         #: Little room for more processes here: no standby, and ended
         #: workers reaped at once (see ``headroom``).
         self._lean = False
+        #: What collection left free of descriptors, if that was little.
+        self._descriptors: headroom.DescriptorRoom | None = None
         #: In the zygote and its workers: the zygote's PID.
         self._zygote_pid = -1
         #: This process froze its objects for the run (see _start_zygote).
@@ -300,12 +302,28 @@ class Controller:
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.session = session
+        if session.items and not self.config.option.collectonly:
+            self._make_descriptor_room()
         # Marker arguments are checked before any test runs, so a typo is a
         # usage error and not a failure halfway through the run.
         markers = self.settings.markers
         for item in session.items:
             item.stash[overrides_key] = read_marker(item, markers)
         self._make_basetemp(session.items)
+
+    def _make_descriptor_room(self) -> None:
+        """Before any worker: room for isolator's own descriptors beside
+        what collection left open (see ``headroom``)."""
+        room = self._descriptors = headroom.make_descriptor_room()
+        if room is None:
+            return
+        if not room.enough:
+            self._lean = True
+        note = room.note()
+        self.notes.append(note)
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None and not hasattr(self.config, "workerinput"):
+            reporter.write_line(f"isolator: {note}")
 
     def _make_basetemp(self, items: list[pytest.Item]) -> None:
         """Make the run's base temp directory here, before any fork, when a
@@ -1011,6 +1029,8 @@ class Controller:
             faulthandler.enable(file=fault_fd, all_threads=True)
             self.plugin.sender = sender
             self.plugin.ready()
+            if self._descriptors is not None:
+                self._descriptors.give_back()
             line = worker.Line(go_fd, session)
             orders = line.orders()
             if orders is None:

@@ -160,15 +160,20 @@ def resident_extents(libc: _Libc, extents: Iterator[int]) -> list[int]:
     ]
 
 
-def collapse_anonymous_memory(stop: threading.Event | None = None) -> Collapse:
+def collapse_anonymous_memory(
+    stop: threading.Event | None = None, candidates: Sequence[int] | None = None
+) -> Collapse:
     """Collapse the resident anonymous memory of this process into huge
-    pages (stopping early once ``stop`` is set)."""
+    pages: of ``candidates`` (extents), or of every anonymous extent now.
+    Stops early once ``stop`` is set."""
     begin = time.perf_counter()
     libc = _libc()
     if libc is None:
         return Collapse(unavailable="madvise is not available through ctypes")
     try:
-        extents = resident_extents(libc, anonymous_extents())
+        extents = resident_extents(
+            libc, iter(candidates) if candidates is not None else anonymous_extents()
+        )
     except OSError as exc:
         return Collapse(unavailable=f"cannot read /proc/self/maps: {exc}")
     collapsed = refused = 0
@@ -227,28 +232,67 @@ def module_names() -> frozenset[str]:
     return names
 
 
+#: The first pass while it runs, for ``_before_fork``.
+_running: _Early | None = None
+_fork_hook_registered = False
+
+
+def _before_fork() -> None:
+    """A fork while the first pass runs (a test module that starts a
+    multiprocessing pool as it is imported, say) ends the pass first: the
+    child would not have the thread anyway, and CPython 3.12+ warns about a
+    fork from a process with threads (an error under ``-W error``). The pass
+    after collection does what is left."""
+    early = _running
+    if early is not None and threading.current_thread() is not early.thread:
+        early.finish(wanted=False)
+        early.wait_gone()
+
+
 class _Early:
     """The first collapse, on a thread of its own while pytest collects."""
 
     def __init__(self) -> None:
+        # Read here, before collection starts, not on the thread: a
+        # descriptor the thread opened while a test module is imported
+        # could be the one it needed (a conftest that leaves few spare).
+        # The thread itself opens none.
+        self._candidates = list(anonymous_extents())
         self.stop = threading.Event()
         self.result: Collapse | None = None
-        self._thread = threading.Thread(target=self._run, name="isolator-collapse", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._run, name="isolator-collapse", daemon=True)
+        global _running, _fork_hook_registered
+        if not _fork_hook_registered:
+            os.register_at_fork(before=_before_fork)
+            _fork_hook_registered = True
+        _running = self
+        self.thread.start()
 
     def _run(self) -> None:
         # An error here would reach pytest as an unhandled thread exception
         # (a warning, an error under -W error): the second pass does it all.
         with contextlib.suppress(Exception):
-            self.result = collapse_anonymous_memory(self.stop)
+            self.result = collapse_anonymous_memory(self.stop, self._candidates)
 
     def finish(self, wanted: bool) -> Collapse | None:
         """Wait for it to end (at once, if it is no longer ``wanted``): no
         thread of ours may be running when the zygote is forked."""
+        global _running
         if not wanted:
             self.stop.set()
-        self._thread.join()
+        # Joining lets go of the GIL, which the thread needs to see the stop.
+        self.thread.join()
+        if _running is self:
+            _running = None
         return self.result
+
+    def wait_gone(self, timeout_s: float = 0.5) -> None:
+        """Wait until the thread is gone from the kernel's list too (what
+        CPython counts to warn), which is a moment after ``join`` returns."""
+        task = f"/proc/self/task/{self.thread.native_id}"
+        deadline = time.monotonic() + timeout_s
+        while os.path.exists(task) and time.monotonic() < deadline:
+            os.sched_yield()
 
 
 class ForkPrep:
@@ -261,6 +305,8 @@ class ForkPrep:
         self.early: Collapse | None = None
         self.collapse: Collapse | None = None
         self._early: _Early | None = None
+        #: Once the run began: how the first pass was told whether to go on.
+        self.early_stop: threading.Event | None = None
 
     def pytest_report_header(self, config: pytest.Config) -> str | None:
         """One line, only when the machine has no huge pages to give and the
@@ -275,6 +321,11 @@ class ForkPrep:
             f"(README: Cost): {reason}"
         )
 
+    @property
+    def early_thread(self) -> _Early | None:
+        """The first pass, while it may still be running."""
+        return self._early
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection(self, session: pytest.Session) -> None:
         config = session.config
@@ -282,8 +333,13 @@ class ForkPrep:
         # pytest-xdist controller, whose nodes collect for themselves).
         if config.option.collectonly or config.pluginmanager.has_plugin("dsession"):
             return
+        # With one CPU to run on it would only slow collection down: the
+        # pass after collection does it all then, as it always did.
+        if len(os.sched_getaffinity(0)) < 2:
+            return
         if _libc() is not None:
-            self._early = _Early()
+            with contextlib.suppress(OSError):
+                self._early = _Early()
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> Generator[None, object, object]:
@@ -291,6 +347,7 @@ class ForkPrep:
             expected_forks(self.mode, session.items) >= MIN_FORKS
         )
         if self._early is not None:
+            self.early_stop = self._early.stop
             self.early = self._early.finish(wanted)
             self._early = None
         if wanted:

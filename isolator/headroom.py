@@ -1,10 +1,18 @@
-"""Room for more processes: the tightest limit on processes around this one.
+"""Room for isolator's own processes and descriptors beside the tests'.
 
-Under ``docker --pids-limit``, a Kubernetes pod's pid limit or a non-root
-``RLIMIT_NPROC``, every task (process or thread) counts against the limit until
-it is reaped. isolator's own extras (a worker forked ahead, ended workers reaped
-a batch at a time) take room that a test's own subprocess or thread may need;
-where little room is left the controller does without them.
+Processes: under ``docker --pids-limit``, a Kubernetes pod's pid limit or a
+non-root ``RLIMIT_NPROC``, every task (process or thread) counts against the
+limit until it is reaped. isolator's own extras (a worker forked ahead, ended
+workers reaped a batch at a time) take room that a test's own subprocess or
+thread may need; where little room is left the controller does without them.
+
+Descriptors: the pytest process holds a few for each worker (its pipes, its
+pidfd, two memfds), more with a standby and workers not yet reaped. A conftest
+that opens files (or lowers ``RLIMIT_NOFILE``) until few are free would leave
+no worker able to start, where plain pytest runs every test. So the pytest
+process's soft limit is raised as far as isolator needs (never past the hard
+limit), and each worker's set back to leave its tests as many free as they
+would have had.
 """
 
 from __future__ import annotations
@@ -105,3 +113,86 @@ def room(proc: Path = Path("/proc/self")) -> tuple[int, str] | None:
     limit that is; None where nothing limits them."""
     found = [r for r in (_cgroup_room(proc), _rlimit_room()) if r is not None]
     return min(found) if found else None
+
+
+#: Descriptors isolator may hold in the pytest process at once, with room to spare.
+DESCRIPTORS_NEEDED = 64
+
+
+def open_descriptors() -> int | None:
+    """How many descriptors this process has open; None if that cannot be read
+    (no /proc, or not one descriptor free to read it with)."""
+    try:
+        # The listing's own descriptor is in it.
+        return len(os.listdir("/proc/self/fd")) - 1
+    except OSError:
+        return None
+
+
+class DescriptorRoom:
+    """What was free for the tests, and what isolator did about it."""
+
+    def __init__(self, free: int, soft: int, raised_to: int | None, enough: bool) -> None:
+        #: Descriptors free in the pytest process when the run began.
+        self.free = free
+        #: The soft limit then.
+        self.soft = soft
+        #: The soft limit isolator set in the pytest process, if it raised it.
+        self.raised_to = raised_to
+        #: The limit now leaves isolator all it may need.
+        self.enough = enough
+
+    def note(self) -> str:
+        were = "descriptor was" if self.free == 1 else "descriptors were"
+        text = f"only {self.free} file {were} free here (RLIMIT_NOFILE {self.soft})"
+        if self.raised_to is not None:
+            text += (
+                f"; isolator raised the pytest process's limit to {self.raised_to} for its "
+                f"own pipes, and sets each worker's to leave its tests those {self.free}"
+            )
+        if not self.enough:
+            text += (
+                "; the hard limit allows no more, so no worker is forked ahead and each is "
+                "reaped as it ends (a worker that still cannot start fails its test)"
+            )
+        return text
+
+    def give_back(self) -> None:
+        """In a worker, once isolator's own descriptors are open: leave its
+        tests as many free as they had in the pytest process."""
+        if self.raised_to is None:
+            return
+        opened = open_descriptors()
+        if opened is None:
+            return
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        soft = opened + self.free
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def make_descriptor_room() -> DescriptorRoom | None:
+    """If fewer than ``DESCRIPTORS_NEEDED`` descriptors are free, raise the
+    soft limit to make them so, as far as the hard limit allows. None if
+    there was room already (or no way to tell)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    opened = open_descriptors()
+    if opened is None or soft == resource.RLIM_INFINITY:
+        return None
+    free = max(soft - opened, 0)
+    if free >= DESCRIPTORS_NEEDED:
+        return None
+    wanted = opened + DESCRIPTORS_NEEDED
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    raised_to: int | None = None
+    if wanted > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            raised_to = wanted
+        except (OSError, ValueError):
+            pass
+    now = raised_to if raised_to is not None else soft
+    return DescriptorRoom(free, soft, raised_to, enough=now - opened >= DESCRIPTORS_NEEDED)

@@ -168,8 +168,6 @@ class Meter:
 
     def __init__(self, probe: Probe) -> None:
         self.probe = probe
-        # Opened at the first reading: most workers of --isolate=test never take one.
-        self._smaps_rollup = -1
         # A fork inherits its parent's high-water mark.
         probe.reset_peak()
         now = probe.sample()
@@ -233,9 +231,14 @@ class Meter:
     def _read_exactly(self) -> Sample:
         started = _process_time()
         try:
-            if self._smaps_rollup < 0:
-                self._smaps_rollup = os.open("/proc/self/smaps_rollup", os.O_RDONLY | os.O_CLOEXEC)
-            uss: int | None = _own_uss(self._smaps_rollup)
+            # Opened for each reading (10 µs, against a millisecond or more for
+            # the reading): a descriptor held for good would be one fewer for
+            # the tests (see ``headroom``).
+            fd = os.open("/proc/self/smaps_rollup", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                uss: int | None = _own_uss(fd)
+            finally:
+                os.close(fd)
         except (OSError, ValueError, IndexError):
             uss = None
         now = self.probe.sample()

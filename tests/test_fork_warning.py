@@ -142,3 +142,39 @@ def test_fork_warning_as_error_does_not_break_isolation(
     result = isolated.run("test", *args)
     _assert_threads_were_there(counts, threads)
     _assert_no_fork_warning(result)
+
+
+#: A test module that forks as it is imported (as one that starts a
+#: multiprocessing pool at import does), while the conftest's 96 MB are
+#: being collapsed into huge pages on a thread.
+FORKS_WHILE_COLLECTED = {
+    "conftest": """
+        DATA = bytearray(b"\\x01") * (96 * 1024 * 1024)
+    """,
+    "test_forks": """
+        import os
+
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+        def test_imported():
+            pass
+    """,
+}
+
+
+def test_a_fork_while_pytest_collects_finds_no_thread_of_ours(
+    pytester: pytest.Pytester, isolated: IsolatedRunner
+) -> None:
+    """isolator collapses memory on a thread while pytest collects (see
+    ``forking``); a fork by the tests' own code then ends that thread first,
+    so the fork warns about nothing a plain run would not."""
+    pytester.makeconftest(FORKS_WHILE_COLLECTED["conftest"] + FORK_AS_ON_315)
+    pytester.makepyfile(test_forks=FORKS_WHILE_COLLECTED["test_forks"], **SUITE)
+    # pytest-rerunfailures (installed here) keeps a thread of its own.
+    result = isolated.run("test", "-W", "error", "-p", "no:rerunfailures")
+    output = "\n".join(result.outlines + result.errlines)
+    assert "multi-threaded" not in output
+    result.assert_outcomes(passed=TESTS + 1)

@@ -5,7 +5,10 @@ costs it 4 KB and not 2 MB, and a machine without huge pages says so."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,17 +83,39 @@ def test_workers_start_from_huge_pages_and_a_write_copies_4kb(
     assert figures["private_dirty_growth"] < 2 * MB, figures
 
 
-def test_a_small_run_is_not_collapsed(
+#: Writes down, as the run ends, what the ForkPrep plugin did.
+TELLS_WHAT_FORKPREP_DID = """
+
+def pytest_unconfigure(config):
+    import json, os
+    prep = config.pluginmanager.get_plugin("isolator-forking")
+    with open(os.environ["PREP"], "w") as f:
+        json.dump({
+            "second_pass": prep.collapse is not None,
+            "first_pass_told_to_stop": prep.early_stop is not None and prep.early_stop.is_set(),
+            "first_pass_running": prep.early_thread is not None,
+        }, f)
+"""
+
+
+def test_a_small_run_does_not_wait_for_a_collapse(
     pytester: pytest.Pytester, isolated: IsolatedRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Below MIN_FORKS workers the collapse would cost more than it saves."""
+    """Below MIN_FORKS workers the collapse would cost more than it saves:
+    the pass before the first worker is not made, and the one made while
+    pytest collected (which could not know yet) is told to stop and is over
+    before any worker is forked."""
     _skip_without_huge_pages()
-    pytester.makeconftest(BIG_CONFTEST.format(mb=96))
+    pytester.makeconftest(BIG_CONFTEST.format(mb=96) + TELLS_WHAT_FORKPREP_DID)
     pytester.makepyfile(test_measures=MEASURES.replace("range(50)", "range(3)"))
-    figures_path = pytester.path / "figures.json"
-    monkeypatch.setenv("FIGURES", str(figures_path))
+    monkeypatch.setenv("FIGURES", str(pytester.path / "figures.json"))
+    monkeypatch.setenv("PREP", str(pytester.path / "prep.json"))
     isolated.run("test").assert_outcomes(passed=3)
-    assert json.loads(figures_path.read_text())["huge_at_start"] == 0
+    assert json.loads((pytester.path / "prep.json").read_text()) == {
+        "second_pass": False,
+        "first_pass_told_to_stop": True,
+        "first_pass_running": False,
+    }
 
 
 #: Runs pytest with transparent huge pages disabled for it, as a machine
@@ -204,7 +229,7 @@ WAITS_DURING_COLLECTION = """
                     return int(line.split()[1]) * 1024
         return 0
 
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + float(os.environ.get("WAIT_S", "20"))
     while huge_bytes() < 64 * 1024 * 1024 and time.monotonic() < deadline:
         time.sleep(0.01)
     with open(os.environ["FIGURES"], "w") as f:
@@ -214,12 +239,11 @@ WAITS_DURING_COLLECTION = """
 """
 
 
-def test_memory_is_collapsed_while_pytest_collects(
+def _suite_that_watches_collection(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The collapse is not in the first test's way: it runs on a thread while
-    the test modules are imported (here, one that waits to see it happen),
-    and only what collection added is left for after it."""
+) -> Path:
+    """96 MB held by the conftest, a module that watches for huge pages while
+    it is imported, and 60 more tests: where the figures will be."""
     _skip_without_huge_pages()
     pytester.makeconftest(BIG_CONFTEST.format(mb=96))
     pytester.makepyfile(test_a=WAITS_DURING_COLLECTION)
@@ -228,9 +252,41 @@ def test_memory_is_collapsed_while_pytest_collects(
     )
     figures_path = pytester.path / "figures.json"
     monkeypatch.setenv("FIGURES", str(figures_path))
+    return figures_path
+
+
+def test_memory_is_collapsed_while_pytest_collects(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The collapse is not in the first test's way: it runs on a thread while
+    the test modules are imported (here, one that waits to see it happen),
+    and only what collection added is left for after it."""
+    figures_path = _suite_that_watches_collection(pytester, monkeypatch)
     # A process of its own: huge pages an earlier test left in this one
     # would be seen too.
     result = pytester.runpytest_subprocess("-p", "isolator", "--isolate=test")
     result.assert_outcomes(passed=61)
     figures = json.loads(figures_path.read_text())
     assert figures["huge_during_collection"] >= 64 * MB, figures
+
+
+def test_with_one_cpu_the_collapse_waits_for_collection_to_end(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On one CPU a thread would only slow collection down: the collapse is
+    made after collection, as it always was."""
+    figures_path = _suite_that_watches_collection(pytester, monkeypatch)
+    monkeypatch.setenv("WAIT_S", "2")
+    cpu = min(os.sched_getaffinity(0))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "isolator", "--isolate=test", "-q"],
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "61 passed" in result.stdout
+    figures = json.loads(figures_path.read_text())
+    assert figures["huge_during_collection"] < 64 * MB, figures

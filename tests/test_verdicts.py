@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -642,6 +643,84 @@ def test_a_tight_process_limit_leaves_the_tests_their_room(
         r"no worker is forked ahead, and each is reaped as it ends",
         proc.stdout,
     ), proc.stdout
+
+
+#: Leaves the pytest process ``spare`` descriptors free, as a conftest that
+#: holds many open files (or lowers the limit) may.
+FEW_DESCRIPTORS_CONFTEST = """
+import os, resource
+_open = len(os.listdir("/proc/self/fd")) - 1
+_, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (_open + {spare}, {hard}))
+"""
+
+#: Each test opens descriptors until it may open no more, and writes down how many it got.
+COUNTS_ITS_DESCRIPTORS = """
+import os, pytest
+
+@pytest.mark.parametrize("n", range(3))
+def test_room(n):
+    opened = []
+    try:
+        while True:
+            opened.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    for fd in opened:
+        os.close(fd)
+    with open(os.path.join(os.environ["ROOM"], f"{{n}}-{{os.getpid()}}"), "w") as f:
+        f.write(str(len(opened)))
+"""
+
+
+def _descriptors_each_test_could_open(pytester: pytest.Pytester, *args: str) -> list[int]:
+    room = pytester.path / "room"
+    shutil.rmtree(room, ignore_errors=True)
+    room.mkdir()
+    pytester.makepyfile(test_room=COUNTS_ITS_DESCRIPTORS.format())
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=3)
+    return sorted(int(path.read_text()) for path in room.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("mode", "spare"), [("module", 6), ("test", 6), ("marked", 6), ("module", 5)]
+)
+def test_few_free_descriptors_leave_the_tests_the_same_room(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, mode: str, spare: int
+) -> None:
+    """A conftest leaves 6 (or 5) descriptors free: without isolation every test
+    runs; with it, every test errored ("could not start a worker"). Now the
+    pytest process raises its own limit for its pipes, and each worker's is
+    set to leave its tests what was free when collection ended: at least
+    what they have without isolation (pytest opens a few more for itself
+    after that), not the 64 or so raised for isolator."""
+    pytester.makeconftest(FEW_DESCRIPTORS_CONFTEST.format(spare=spare, hard="_hard"))
+    monkeypatch.setenv("ROOM", str(pytester.path / "room"))
+    plain = _descriptors_each_test_could_open(pytester, "-p", "no:isolator")
+    isolated = _descriptors_each_test_could_open(pytester, "-p", "isolator", f"--isolate={mode}")
+    assert 1 <= plain[0] <= spare
+    assert plain[0] <= isolated[0], (plain, isolated)
+    assert isolated[-1] <= spare, (plain, isolated)
+
+
+def test_a_hard_descriptor_limit_is_said_and_loses_no_verdict(
+    pytester: pytest.Pytester,
+) -> None:
+    """With the hard limit where the soft one is, nothing can be raised:
+    isolator says so at start-up, keeps no worker ahead, and a test whose
+    worker cannot start fails saying why; every test has a verdict."""
+    pytester.makeconftest(FEW_DESCRIPTORS_CONFTEST.format(spare=6, hard="_open + 6"))
+    pytester.makepyfile(test_a="def test_a(): pass\n\ndef test_b(): pass\n")
+    result = pytester.runpytest_subprocess("-p", "isolator", "--isolate=test")
+    result.stdout.fnmatch_lines(
+        [
+            "isolator: only * file descriptors were free here (RLIMIT_NOFILE *); the hard limit "
+            "allows no more, so no worker is forked ahead and each is reaped as it ends*",
+        ]
+    )
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed", 0) + outcomes.get("errors", 0) == 2, outcomes
 
 
 # -- how each worker ended ----------------------------------------------------
