@@ -317,6 +317,7 @@ class Controller:
         room = self._descriptors = headroom.make_descriptor_room()
         if room is None:
             return
+        self.config.add_cleanup(room.restore)
         if not room.enough:
             self._lean = True
         note = room.note()

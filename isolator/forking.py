@@ -34,6 +34,7 @@ done only for a run that will fork at least ``MIN_FORKS`` workers.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import ctypes
 import dataclasses
@@ -46,6 +47,8 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 
 import pytest
+
+from isolator import headroom
 
 _HUGE = 2 << 20
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -149,15 +152,25 @@ def anonymous_extents(maps: str = "/proc/self/maps") -> Iterator[int]:
 MIN_RESIDENT_PAGES = _HUGE // _PAGE * 9 // 10
 
 
-def resident_extents(libc: _Libc, extents: Iterator[int]) -> list[int]:
-    """The extents of which at least ``MIN_RESIDENT_PAGES`` are resident."""
+def resident_extents(
+    libc: _Libc, extents: Iterator[int], stop: threading.Event | None = None
+) -> list[int]:
+    """The extents of which at least ``MIN_RESIDENT_PAGES`` are resident
+    (as many as were looked at before ``stop`` was set)."""
     vec = (ctypes.c_ubyte * (_HUGE // _PAGE))()
-    return [
-        extent
-        for extent in extents
-        if libc.mincore(extent, _HUGE, vec) == 0
-        and sum(byte & 1 for byte in vec) >= MIN_RESIDENT_PAGES
-    ]
+    found = []
+    for extent in extents:
+        if stop is not None and stop.is_set():
+            break
+        # A page is resident where its byte is 1 (the other bits are
+        # reserved, and 0): counted in C, since a process may reserve
+        # gigabytes it never touches, and each extent is looked at.
+        if (
+            libc.mincore(extent, _HUGE, vec) == 0
+            and len(vec) - bytes(vec).count(0) >= MIN_RESIDENT_PAGES
+        ):
+            found.append(extent)
+    return found
 
 
 def collapse_anonymous_memory(
@@ -172,7 +185,7 @@ def collapse_anonymous_memory(
         return Collapse(unavailable="madvise is not available through ctypes")
     try:
         extents = resident_extents(
-            libc, iter(candidates) if candidates is not None else anonymous_extents()
+            libc, iter(candidates) if candidates is not None else anonymous_extents(), stop
         )
     except OSError as exc:
         return Collapse(unavailable=f"cannot read /proc/self/maps: {exc}")
@@ -244,9 +257,18 @@ def _before_fork() -> None:
     fork from a process with threads (an error under ``-W error``). The pass
     after collection does what is left."""
     early = _running
-    if early is not None and threading.current_thread() is not early.thread:
+    if early is None or threading.current_thread() is early.thread:
+        return
+    try:
         early.finish(wanted=False)
-        early.wait_gone()
+    except KeyboardInterrupt:
+        # Raised in an at-fork hook, it would be reported as unraisable and
+        # dropped, and the fork go ahead with the thread alive: the thread
+        # is ended all the same, and Ctrl-C raised again once the fork is
+        # over (only in this process: a child forgets pending signals).
+        early.finish(wanted=False)
+        _thread.interrupt_main()
+    early.wait_gone()
 
 
 class _Early:
@@ -265,8 +287,10 @@ class _Early:
         if not _fork_hook_registered:
             os.register_at_fork(before=_before_fork)
             _fork_hook_registered = True
-        _running = self
+        # RuntimeError if no thread can be started (a pids limit reached):
+        # the caller does without, and nothing is left for the hook to join.
         self.thread.start()
+        _running = self
 
     def _run(self) -> None:
         # An error here would reach pytest as an unhandled thread exception
@@ -337,8 +361,13 @@ class ForkPrep:
         # pass after collection does it all then, as it always did.
         if len(os.sched_getaffinity(0)) < 2:
             return
+        # Nor where few more tasks may start (a thread counts): the tests'
+        # own processes and threads come first.
+        room = headroom.room()
+        if room is not None and room[0] < headroom.TIGHT:
+            return
         if _libc() is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, RuntimeError):
                 self._early = _Early()
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)

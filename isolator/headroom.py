@@ -148,7 +148,8 @@ class DescriptorRoom:
         if self.raised_to is not None:
             text += (
                 f"; isolator raised the pytest process's limit to {self.raised_to} for its "
-                f"own pipes, and sets each worker's to leave its tests those {self.free}"
+                f"own pipes, and sets each worker's so that its tests have {self.free} free, "
+                "as here"
             )
         if not self.enough:
             text += (
@@ -156,6 +157,15 @@ class DescriptorRoom:
                 "reaped as it ends (a worker that still cannot start fails its test)"
             )
         return text
+
+    def restore(self) -> None:
+        """In the pytest process, once the run is over: the limit as it was
+        (for a program that calls ``pytest.main()`` and goes on)."""
+        if self.raised_to is None:
+            return
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.soft, hard))
 
     def give_back(self) -> None:
         """In a worker, once isolator's own descriptors are open: leave its
@@ -176,23 +186,31 @@ class DescriptorRoom:
 def make_descriptor_room() -> DescriptorRoom | None:
     """If fewer than ``DESCRIPTORS_NEEDED`` descriptors are free, raise the
     soft limit to make them so, as far as the hard limit allows. None if
-    there was room already (or no way to tell)."""
+    there was room already (or no way to tell: no /proc)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    opened = open_descriptors()
-    if opened is None or soft == resource.RLIM_INFINITY:
+    if soft == resource.RLIM_INFINITY:
         return None
+    opened = open_descriptors()
+    current = soft
+    if opened is None and hard > soft:
+        # Not one free to count them with (a conftest that opened files
+        # until it could open no more): one more, to count.
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft + 1, hard))
+            current = soft + 1
+            opened = open_descriptors()
+    if opened is None:
+        # None free, and none to be had: said, and the run goes on lean.
+        return DescriptorRoom(0, soft, current if current > soft else None, enough=False)
     free = max(soft - opened, 0)
     if free >= DESCRIPTORS_NEEDED:
         return None
     wanted = opened + DESCRIPTORS_NEEDED
     if hard != resource.RLIM_INFINITY:
         wanted = min(wanted, hard)
-    raised_to: int | None = None
-    if wanted > soft:
-        try:
+    if wanted > current:
+        with contextlib.suppress(OSError, ValueError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            raised_to = wanted
-        except (OSError, ValueError):
-            pass
-    now = raised_to if raised_to is not None else soft
-    return DescriptorRoom(free, soft, raised_to, enough=now - opened >= DESCRIPTORS_NEEDED)
+            current = wanted
+    raised_to = current if current > soft else None
+    return DescriptorRoom(free, soft, raised_to, enough=current - opened >= DESCRIPTORS_NEEDED)

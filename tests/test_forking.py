@@ -4,10 +4,13 @@ costs it 4 KB and not 2 MB, and a machine without huge pages says so."""
 
 from __future__ import annotations
 
+import _thread
+import ctypes
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -290,3 +293,65 @@ def test_with_one_cpu_the_collapse_waits_for_collection_to_end(
     assert "61 passed" in result.stdout
     figures = json.loads(figures_path.read_text())
     assert figures["huge_during_collection"] < 64 * MB, figures
+
+
+class _FakeMincore:
+    """mincore(2) over extents of which the first ``resident`` pages are in
+    memory; sets ``stop`` once it has been asked ``stop_after`` times."""
+
+    def __init__(self, resident: dict[int, int], stop: threading.Event, stop_after: int) -> None:
+        self.resident = resident
+        self.stop = stop
+        self.stop_after = stop_after
+        self.asked = 0
+
+    def mincore(self, address: int, length: int, vec: ctypes.Array[ctypes.c_ubyte]) -> int:
+        self.asked += 1
+        if self.asked >= self.stop_after:
+            self.stop.set()
+        for page in range(len(vec)):
+            vec[page] = 1 if page < self.resident[address] else 0
+        return 0
+
+
+def test_resident_extents_counts_pages_and_stops_when_told() -> None:
+    """The first pass looks at every extent of the process's anonymous
+    mappings, gigabytes of them where a process reserved and never touched
+    them; a run that needs no collapse tells it to stop, and it does."""
+    stop = threading.Event()
+    extents = [n * 2 * MB for n in range(1, 9)]
+    # 9/10 of 512 pages is 460: the first two are collapsed, the third not.
+    resident = dict.fromkeys(extents, 0) | {extents[0]: 512, extents[1]: 461, extents[2]: 459}
+    kernel = _FakeMincore(resident, stop, stop_after=4)
+    found = forking.resident_extents(kernel, iter(extents), stop)  # type: ignore[arg-type]
+    assert found == extents[:2]
+    assert kernel.asked == 4  # not the other 4
+
+
+def test_ctrl_c_while_a_fork_waits_for_the_first_pass_is_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fork during collection first ends the first pass; a Ctrl-C while it
+    waits would be dropped by CPython (an exception in an at-fork hook is
+    only reported as unraisable). The pass is ended all the same, and the
+    Ctrl-C raised again, to arrive once the fork is over."""
+
+    class Pass:
+        thread = threading.Thread(target=lambda: None)
+        finished = 0
+        gone = False
+
+        def finish(self, wanted: bool) -> None:
+            self.finished += 1
+            if self.finished == 1:
+                raise KeyboardInterrupt
+
+        def wait_gone(self) -> None:
+            self.gone = True
+
+    interrupted: list[bool] = []
+    early = Pass()
+    monkeypatch.setattr(forking, "_running", early)
+    monkeypatch.setattr(_thread, "interrupt_main", lambda: interrupted.append(True))
+    forking._before_fork()
+    assert (early.finished, early.gone, interrupted) == (2, True, [True])

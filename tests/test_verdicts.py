@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -570,22 +571,25 @@ def _pids_cgroup_or_skip(name: str) -> Path:
 
 
 def _pytest_under_a_process_limit(
-    pytester: pytest.Pytester, mode: str, hook: str, room: int
+    pytester: pytest.Pytester, mode: str, hook: str, room: int, more_conftest: str = ""
 ) -> subprocess.CompletedProcess[str]:
     """pytest run in a pids cgroup whose limit is set, in the pytest process's
     ``hook``, to what it holds then (its threads too) and ``room`` more."""
     group = _pids_cgroup_or_skip(f"isolator-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     pytester.makeconftest(
-        f"""
-        from pathlib import Path
-        import pytest
+        textwrap.dedent(
+            f"""
+            from pathlib import Path
+            import pytest
 
-        @pytest.hookimpl(tryfirst=True)
-        def {hook}(session):
-            group = Path({str(group)!r})
-            current = int((group / "pids.current").read_text())
-            (group / "pids.max").write_text(str(current + {room}))
-        """
+            @pytest.hookimpl(tryfirst=True)
+            def {hook}(session):
+                group = Path({str(group)!r})
+                current = int((group / "pids.current").read_text())
+                (group / "pids.max").write_text(str(current + {room}))
+            """
+        )
+        + textwrap.dedent(more_conftest)
     )
 
     def join() -> None:
@@ -645,6 +649,37 @@ def test_a_tight_process_limit_leaves_the_tests_their_room(
     ), proc.stdout
 
 
+def test_no_room_for_a_thread_while_pytest_collects_loses_nothing(
+    pytester: pytest.Pytester,
+) -> None:
+    """isolator collapses memory on a thread while pytest collects (see
+    ``forking``). With a pids limit that a conftest's own helpers use up by
+    then, that thread cannot start: the run does without it (before, an
+    INTERNALERROR: "can't start new thread", and no test ran)."""
+    pytester.makepyfile(test_a="def test_a(): pass\n\ndef test_b(): pass\n")
+    proc = _pytest_under_a_process_limit(
+        pytester,
+        "test",
+        "pytest_sessionstart",
+        2,
+        more_conftest="""
+        import subprocess
+
+        HELPERS = []
+
+        def pytest_collection(session):
+            HELPERS.extend(subprocess.Popen(["sleep", "0.2"]) for _ in range(2))
+
+        def pytest_collection_modifyitems(items):
+            for helper in HELPERS:
+                helper.wait()
+        """,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 passed" in proc.stdout
+    assert "INTERNALERROR" not in proc.stdout + proc.stderr
+
+
 #: Leaves the pytest process ``spare`` descriptors free, as a conftest that
 #: holds many open files (or lowers the limit) may.
 FEW_DESCRIPTORS_CONFTEST = """
@@ -702,6 +737,42 @@ def test_few_free_descriptors_leave_the_tests_the_same_room(
     assert 1 <= plain[0] <= spare
     assert plain[0] <= isolated[0], (plain, isolated)
     assert isolated[-1] <= spare, (plain, isolated)
+
+
+#: Opens files once collection is over until it may open no more, and keeps
+#: them (under a soft limit of 256, as after ``ulimit -Sn 256``).
+USES_UP_DESCRIPTORS = """
+import os, resource
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+KEPT = []
+
+def pytest_collection_modifyitems(items):
+    try:
+        while True:
+            KEPT.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+"""
+
+
+@pytest.mark.parametrize("mode", ["module", "test"])
+def test_no_free_descriptor_at_all_loses_no_verdict(pytester: pytest.Pytester, mode: str) -> None:
+    """Not even one descriptor free to count the open ones with: isolator
+    raises the limit by one to count them, then as before (before, every
+    test errored, "could not start a worker")."""
+    pytester.makeconftest(USES_UP_DESCRIPTORS)
+    pytester.makepyfile(test_a="def test_a(): pass\n\ndef test_b(): pass\n")
+    # (The cache could not be written either, which would be a warning.)
+    plain = pytester.runpytest_subprocess("-p", "no:isolator", "-p", "no:cacheprovider")
+    plain.assert_outcomes(passed=2)
+    result = pytester.runpytest_subprocess(
+        "-p", "isolator", f"--isolate={mode}", "-p", "no:cacheprovider"
+    )
+    result.stdout.fnmatch_lines(
+        ["isolator: only * free here (RLIMIT_NOFILE 256); isolator raised*"]
+    )
+    result.assert_outcomes(passed=2)
 
 
 def test_a_hard_descriptor_limit_is_said_and_loses_no_verdict(
