@@ -17,16 +17,17 @@ which are most of a big process): the ``madvise`` calls let go of the GIL, so
 this runs on another core while pytest collects. Then once more after
 collection, before the first worker is forked, over what is not huge yet
 (an extent already huge costs about 2 µs to ask again). Only the second is
-in the way of the first test: in the torch process, 1 to 6 ms against 40 to
-350 ms for the whole collapse (see Cost in the README).
+in the way of the first test: in the torch process, 1.4 to 2 ms against 40
+to 350 ms for the whole collapse (see Cost in the README).
 
 What does not change: a write to a shared huge page, by a worker or by the
 controller, splits that mapping into small pages in the writing process and
 copies 4 KB, not 2 MB, so a worker's own memory is what it was without huge
 pages (``tests/test_forking.py`` measures it).
 
-Collapsing costs 0.7 to 2 ms of CPU per 2 MB extent (more wall time on a busy
-machine: the kernel waits on the other cores), and each worker forked after
+Collapsing costs 0.6 to 5 ms of CPU per 2 MB extent here (the same process
+takes one or the other from run to run: the kernel getting memory for the
+huge pages), and each worker forked after
 it saves about 90 µs per extent (fork + exit of the torch process: 6.1 ms of
 CPU down to 3.8 ms; of a bare pytest process: 2.5 ms down to 2.2 ms). So it is
 done only for a run that will fork at least ``MIN_FORKS`` workers.
