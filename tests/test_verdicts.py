@@ -703,7 +703,7 @@ def test_room(n):
         pass
     for fd in opened:
         os.close(fd)
-    with open(os.path.join(os.environ["ROOM"], f"{{n}}-{{os.getpid()}}"), "w") as f:
+    with open(os.path.join(os.environ["ROOM"], f"{n}-{os.getpid()}"), "w") as f:
         f.write(str(len(opened)))
 """
 
@@ -712,7 +712,7 @@ def _descriptors_each_test_could_open(pytester: pytest.Pytester, *args: str) -> 
     room = pytester.path / "room"
     shutil.rmtree(room, ignore_errors=True)
     room.mkdir()
-    pytester.makepyfile(test_room=COUNTS_ITS_DESCRIPTORS.format())
+    pytester.makepyfile(test_room=COUNTS_ITS_DESCRIPTORS)
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(passed=3)
     return sorted(int(path.read_text()) for path in room.iterdir())
